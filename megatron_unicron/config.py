@@ -1,0 +1,106 @@
+"""The unicron config tree: the ``unicron:`` section of a YAML job config and the ``--unicron-*`` flags.
+
+Every leaf field below is, with no further code (see :mod:`megatron_unicron.configtree`):
+
+- a YAML key under ``unicron:`` (sections nest: ``unicron: {detection: {slow_factor: 4}}``), and
+- a flag ``--unicron-<field>`` or ``--unicron-<section>-<field>`` (``enabled`` is plain ``--unicron``),
+  whose help is the field's docstring.
+
+To add a setting, add a documented field (and its check in ``__post_init__``); nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_unicron import configtree
+from megatron_unicron.errors import FieldError
+
+__all__ = ["DetectionConfig", "UnicronConfig"]
+
+
+def _require(ok: bool, name: str, value: object, problem: str) -> None:
+    if not ok:
+        raise FieldError(name, value, problem)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectionConfig:
+    """Failure detection: node leases and the thresholds that call a slow step a hang."""
+
+    lease_interval_s: float = 1.0
+    """Seconds between two renewals of a node's heartbeat lease."""
+
+    lease_ttl_s: float = 3.0
+    """A node whose lease is not renewed for this many seconds is declared lost."""
+
+    slow_factor: float = 3.0
+    """An iteration or collective slower than this many times its running mean is reported as a hang."""
+
+    warmup_floor_s: float = 2.0
+    """Smallest hang threshold in seconds, used while the running mean is still unreliable."""
+
+    grace_window_s: float = 0.5
+    """Seconds to wait after a first fault report so that correlated reports join the same incident."""
+
+    def __post_init__(self) -> None:
+        for name in ("lease_interval_s", "lease_ttl_s", "warmup_floor_s"):
+            value = getattr(self, name)
+            _require(value > 0, name, value, "must be a positive number of seconds")
+        _require(self.grace_window_s >= 0, "grace_window_s", self.grace_window_s,
+                 "must be zero or a positive number of seconds")
+        _require(self.lease_ttl_s > self.lease_interval_s, "lease_ttl_s", self.lease_ttl_s,
+                 f"must be longer than lease_interval_s ({self.lease_interval_s}), "
+                 "or every lease expires between two renewals")
+        _require(self.slow_factor > 1, "slow_factor", self.slow_factor,
+                 "must be greater than 1 (a step cannot be slower than itself)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnicronConfig:
+    """Self-healing training: detection, recovery, metrics and fault injection."""
+
+    enabled: bool = field(default=False, metadata={"flag": "--unicron"})
+    """Switch the self-healing mode on (in-band detection, graded recovery, live reconfiguration)."""
+
+    metrics_log: str | None = field(default=None, metadata={"metavar": "PATH"})
+    """Write one JSON line per iteration to PATH (written with or without --unicron)."""
+
+    incident_log: str | None = field(default=None, metadata={"metavar": "PATH"})
+    """Write one JSON line per incident (fault, severity, action, timeline) to PATH."""
+
+    inject: tuple[str, ...] = field(default=(), metadata={"metavar": "KIND:RANK:ITER[:PHASE]"})
+    """Inject fault KIND on RANK at iteration ITER, optionally in PHASE (tests and demos)."""
+
+    snapshot_interval: int = 0
+    """Take an in-memory snapshot of the training state every N iterations (0: never)."""
+
+    persist_interval: int = 0
+    """Write a persistent checkpoint every N iterations (0: never)."""
+
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("snapshot_interval", "persist_interval"):
+            value = getattr(self, name)
+            _require(value >= 0, name, value, "must be 0 (never) or a positive number of iterations")
+        for spec in self.inject:
+            _require(bool(spec.strip()), "inject", spec, "give a fault as KIND:RANK:ITER[:PHASE]")
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, source: str = "the unicron section",
+        spelled: Mapping[str, str] | None = None,
+    ) -> UnicronConfig:
+        """Build from the ``unicron:`` mapping of a YAML job config (merged with flags, if any).
+
+        ``source`` names the file for error messages; ``spelled`` maps dotted keys
+        (``unicron.detection.slow_factor``) to the flags that set them. Raises ConfigError.
+        """
+        return configtree.build(cls, data, source=source, spelled=spelled, root=("unicron",))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the tree as nested plain dicts (the ``unicron:`` section of a YAML job config)."""
+        return configtree.to_dict(self)
