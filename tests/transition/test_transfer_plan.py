@@ -90,7 +90,9 @@ def test_nearest_copy_is_chosen(scenario):
         cell = tuple((need.box[i][0] + a, need.box[i][0] + b) for i, (a, b) in enumerate(piece.dst_slices))
         own = [h for h in holdings if h.rank == need.rank and intersect(h.box, cell) == cell]
         same_node = [
-            h for h in holdings if rank_node[h.rank] == rank_node[need.rank] and intersect(h.box, cell) == cell
+            h
+            for h in holdings
+            if rank_node[h.rank] == rank_node[need.rank] and intersect(h.box, cell) == cell
         ]
         if own:
             assert piece.tier is Tier.OWN_MEMORY and piece.is_local
