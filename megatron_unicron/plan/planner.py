@@ -1,0 +1,384 @@
+"""The cost-aware plan generator: which job gets how many GPUs, with which layout, on which nodes.
+
+Public interface:
+
+* `plan(cluster, cost=CostParams(), trigger="") -> Plan`: the multi-job plan. Maximises Σ_t G(t, x′)
+  (`plan.cost`) over the live nodes with the dynamic program of `plan.dp`; whole nodes per job. Among
+  optimal plans it moves the fewest nodes (jobs keep the nodes they hold), then uses the fewest nodes.
+  A job that fits nowhere is parked (0 GPUs), never an error.
+* `plan_single_job(job, available_gpus, gpus_per_node, current=None, ...) -> (gpu_count, Layout)`: the
+  single-job decision when a job loses or regains GPUs (GPU granularity, not node granularity). Raises
+  `NoFeasibleLayoutError` when no layout fits.
+* Values: `JobSpec`, `Cluster` (inputs, with `with_lost`, `with_node_back`, `with_job`, `without_job`,
+  `with_plan` for the four triggers: node lost, node back, job arrives, job ends), `JobPlan`, `Plan`
+  (frozen, `to_dict()` / `to_json()` / `Plan.from_dict()`).
+
+A job without a throughput table gets the analytic one (`plan.throughput.analytic_table`) at every
+whole-node GPU count, from the cluster's device and `Cluster.analytic` parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from megatron_unicron.plan.cost import CostParams, reward_curve
+from megatron_unicron.plan.dp import encode_keys, solve
+from megatron_unicron.plan.errors import NoFeasibleLayoutError, PlanInputError
+from megatron_unicron.plan.hardware import DEVICE_PRESETS, DeviceSpec
+from megatron_unicron.plan.layouts import Layout
+from megatron_unicron.plan.memory import MemoryOptions
+from megatron_unicron.plan.models import ModelShape
+from megatron_unicron.plan.table import TableEntry, ThroughputTable
+from megatron_unicron.plan.throughput import AnalyticParams, analytic_table
+
+__all__ = ["JobSpec", "Cluster", "JobPlan", "Plan", "plan", "plan_single_job", "job_table"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A training job: model, global batch, weight w(t), optional GPU bounds, table and current nodes."""
+
+    name: str
+    model: ModelShape
+    global_batch_size: int
+    weight: float = 1.0
+    x_min: int | None = None
+    x_max: int | None = None
+    table: ThroughputTable | None = None
+    nodes: tuple[str, ...] = ()
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise PlanInputError("job.name: must not be empty")
+        if (
+            isinstance(self.global_batch_size, bool)
+            or not isinstance(self.global_batch_size, int)
+            or self.global_batch_size < 1
+        ):
+            raise PlanInputError(
+                f"job {self.name}.global_batch_size: expected a positive integer, "
+                f"got {self.global_batch_size!r}"
+            )
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight > 0:
+            raise PlanInputError(f"job {self.name}.weight: must be > 0, got {self.weight!r}")
+        for f in ("x_min", "x_max"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise PlanInputError(f"job {self.name}.{f}: expected a positive integer, got {v!r}")
+        if self.x_min is not None and self.x_max is not None and self.x_min > self.x_max:
+            raise PlanInputError(f"job {self.name}.x_min: {self.x_min} exceeds x_max {self.x_max}")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise PlanInputError(f"job {self.name}.nodes: a node is listed twice")
+        gb = self.table.global_batch_size if self.table is not None else None
+        if gb is not None and gb != self.global_batch_size:
+            raise PlanInputError(
+                f"job {self.name}.table: made for global_batch_size {gb}, "
+                f"the job has {self.global_batch_size}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    """Homogeneous nodes, the lost ones, and the jobs with their current nodes."""
+
+    nodes: tuple[str, ...]
+    gpus_per_node: int
+    device: DeviceSpec
+    jobs: tuple[JobSpec, ...] = ()
+    lost: frozenset[str] = frozenset()
+    analytic: AnalyticParams | None = None
+
+    def __post_init__(self) -> None:
+        if not self.nodes or len(set(self.nodes)) != len(self.nodes):
+            raise PlanInputError("cluster.nodes: need at least one node and unique names")
+        if (
+            isinstance(self.gpus_per_node, bool)
+            or not isinstance(self.gpus_per_node, int)
+            or self.gpus_per_node < 1
+        ):
+            raise PlanInputError(
+                f"cluster.gpus_per_node: expected a positive integer, got {self.gpus_per_node!r}"
+            )
+        unknown = sorted(set(self.lost) - set(self.nodes))
+        if unknown:
+            raise PlanInputError(f"cluster.lost: unknown node {unknown[0]!r}")
+        names = [j.name for j in self.jobs]
+        if len(set(names)) != len(names):
+            raise PlanInputError("cluster.jobs: job names must be unique")
+        owner: dict[str, str] = {}
+        for job in self.jobs:
+            for node in job.nodes:
+                if node not in self.nodes:
+                    raise PlanInputError(f"job {job.name}.nodes: unknown node {node!r}")
+                if node in owner:
+                    raise PlanInputError(f"job {job.name}.nodes: node {node!r} also belongs to {owner[node]}")
+                owner[node] = job.name
+
+    @property
+    def alive(self) -> tuple[str, ...]:
+        """Nodes not lost, in cluster order."""
+        return tuple(n for n in self.nodes if n not in self.lost)
+
+    def with_lost(self, nodes: Iterable[str]) -> Cluster:
+        """Trigger "node lost": `nodes` join the lost set (jobs keep listing them until re-planned)."""
+        return dataclasses.replace(self, lost=self.lost | frozenset(nodes))
+
+    def with_node_back(self, node: str) -> Cluster:
+        """Trigger "node back": `node` is healthy and free again."""
+        jobs = tuple(dataclasses.replace(j, nodes=tuple(n for n in j.nodes if n != node)) for j in self.jobs)
+        return dataclasses.replace(self, lost=self.lost - {node}, jobs=jobs)
+
+    def with_job(self, job: JobSpec) -> Cluster:
+        """Trigger "job arrives"."""
+        return dataclasses.replace(self, jobs=self.jobs + (job,))
+
+    def without_job(self, name: str) -> Cluster:
+        """Trigger "job ends": its nodes become free."""
+        if name not in {j.name for j in self.jobs}:
+            raise PlanInputError(f"cluster.jobs: no job named {name!r}")
+        return dataclasses.replace(self, jobs=tuple(j for j in self.jobs if j.name != name))
+
+    def with_plan(self, p: Plan) -> Cluster:
+        """The cluster after `p` was carried out: each job holds its planned nodes."""
+        nodes = {jp.name: jp.nodes for jp in p.jobs}
+        jobs = tuple(dataclasses.replace(j, nodes=nodes.get(j.name, ())) for j in self.jobs)
+        return dataclasses.replace(self, jobs=jobs)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One job's share of a plan; `gpus == 0` means parked."""
+
+    name: str
+    gpus: int
+    nodes: tuple[str, ...]
+    layout: Layout | None
+    flops: float
+    waf: float
+    transition: bool
+    reward: float
+
+    @property
+    def parked(self) -> bool:
+        """True when the job gets no GPUs."""
+        return self.gpus == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping."""
+        d = dataclasses.asdict(self)
+        d["nodes"] = list(self.nodes)
+        d["layout"] = self.layout.to_dict() if self.layout else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JobPlan:
+        """Inverse of `to_dict`."""
+        return cls(
+            name=d["name"],
+            gpus=d["gpus"],
+            nodes=tuple(d["nodes"]),
+            layout=Layout.from_dict(d["layout"]) if d["layout"] else None,
+            flops=d["flops"],
+            waf=d["waf"],
+            transition=d["transition"],
+            reward=d["reward"],
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A cluster-wide plan: per-job shares, free and lost nodes, totals."""
+
+    jobs: tuple[JobPlan, ...]
+    free_nodes: tuple[str, ...]
+    lost_nodes: tuple[str, ...]
+    total_waf: float
+    total_reward: float
+    moved_nodes: int
+    d_running_s: float
+    trigger: str = ""
+
+    def job(self, name: str) -> JobPlan:
+        """The share of job `name`."""
+        for jp in self.jobs:
+            if jp.name == name:
+                return jp
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping."""
+        return {
+            "trigger": self.trigger,
+            "total_waf": self.total_waf,
+            "total_reward": self.total_reward,
+            "moved_nodes": self.moved_nodes,
+            "d_running_s": self.d_running_s,
+            "free_nodes": list(self.free_nodes),
+            "lost_nodes": list(self.lost_nodes),
+            "jobs": [jp.to_dict() for jp in self.jobs],
+        }
+
+    def to_json(self) -> str:
+        """Compact JSON."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        """Inverse of `to_dict`."""
+        return cls(
+            jobs=tuple(JobPlan.from_dict(j) for j in d["jobs"]),
+            free_nodes=tuple(d["free_nodes"]),
+            lost_nodes=tuple(d["lost_nodes"]),
+            total_waf=d["total_waf"],
+            total_reward=d["total_reward"],
+            moved_nodes=d["moved_nodes"],
+            d_running_s=d["d_running_s"],
+            trigger=d.get("trigger", ""),
+        )
+
+
+def job_table(job: JobSpec, cluster: Cluster, max_nodes: int | None = None) -> ThroughputTable:
+    """The job's table, or its analytic table at every whole-node count up to `max_nodes`."""
+    if job.table is not None:
+        return job.table
+    n = max_nodes if max_nodes is not None else len(cluster.nodes)
+    gpn = cluster.gpus_per_node
+    return analytic_table(
+        job.model,
+        job.global_batch_size,
+        range(gpn, n * gpn + 1, gpn),
+        gpn,
+        cluster.device,
+        cluster.analytic,
+        job.memory,
+    )
+
+
+def plan(cluster: Cluster, cost: CostParams | None = None, trigger: str = "") -> Plan:
+    """The multi-job plan over the cluster's live nodes (see module docstring)."""
+    cost = cost or CostParams()
+    alive = cluster.alive
+    alive_set = set(alive)
+    n, gpn = len(alive), cluster.gpus_per_node
+    d_run = cost.d_running(n)
+    rewards, current, curves = [], [], []
+    for job in cluster.jobs:
+        flops, chosen = job_table(job, cluster).curve(gpn, n, job.x_min or 0, job.x_max)
+        waf = job.weight * flops
+        held = [x for x in job.nodes if x in alive_set]
+        affected = len(held) != len(job.nodes)
+        g = reward_curve(waf, len(held), affected, d_run, cost)
+        # nodes a job cannot run on are never given to it (it is parked instead)
+        g[1:][waf[1:] <= 0] = -np.inf
+        rewards.append(g)
+        current.append(min(len(held), n))
+        curves.append((waf, chosen, held, affected))
+    alloc, _ = solve(encode_keys(rewards, current, n), n)
+
+    # Concrete nodes: every job keeps its own (in cluster order); the pool is the free nodes first,
+    # then the ones released by shrinking jobs.
+    held_by = {x for job_curve in curves for x in job_curve[2]}
+    pool = [x for x in alive if x not in held_by]
+    kept: list[list[str]] = []
+    for (_, _, held, _), k in zip(curves, alloc):
+        kept.append(held[:k])
+        pool.extend(held[k:])
+    jobs_out = []
+    moved = 0
+    for job, (waf, chosen, held, affected), k, g, keep in zip(cluster.jobs, curves, alloc, rewards, kept):
+        nodes = keep + [pool.pop(0) for _ in range(k - len(keep))]
+        moved += abs(k - len(held))
+        entry: TableEntry | None = chosen[k] if k > 0 else None
+        if entry is None:
+            jobs_out.append(JobPlan(job.name, 0, (), None, 0.0, 0.0, False, float(g[0])))
+            continue
+        jobs_out.append(
+            JobPlan(
+                name=job.name,
+                gpus=entry.gpus,
+                nodes=tuple(nodes),
+                layout=entry.layout,
+                flops=entry.flops,
+                waf=float(waf[k]),
+                transition=affected or k != len(held),
+                reward=float(g[k]),
+            )
+        )
+    used = {x for jp in jobs_out for x in jp.nodes}
+    return Plan(
+        jobs=tuple(jobs_out),
+        free_nodes=tuple(x for x in alive if x not in used),
+        lost_nodes=tuple(x for x in cluster.nodes if x in cluster.lost),
+        total_waf=float(sum(jp.waf for jp in jobs_out)),
+        total_reward=float(sum(jp.reward for jp in jobs_out)),
+        moved_nodes=moved,
+        d_running_s=d_run,
+        trigger=trigger,
+    )
+
+
+def plan_single_job(
+    job: JobSpec,
+    available_gpus: int,
+    gpus_per_node: int,
+    current: Layout | None = None,
+    *,
+    device: DeviceSpec | None = None,
+    analytic: AnalyticParams | None = None,
+    cost: CostParams | None = None,
+) -> tuple[int, Layout]:
+    """GPU count and layout for one job on `available_gpus` GPUs (any count, not whole nodes).
+
+    Uses the job's table when it has one, else the analytic model on `device` (default: the `cpu`
+    preset). Keeping `current` (when it still fits) costs no transition; any other choice is charged
+    `cost.transition_s` at the new WAF. Ties go to the current layout, then to fewer GPUs.
+    """
+    if isinstance(available_gpus, bool) or not isinstance(available_gpus, int) or available_gpus < 1:
+        raise PlanInputError(
+            f"plan_single_job: available_gpus must be a positive integer, got {available_gpus!r}"
+        )
+    cost = cost or CostParams()
+    device = device or DEVICE_PRESETS["cpu"]
+    table = job.table or analytic_table(
+        job.model,
+        job.global_batch_size,
+        range(1, available_gpus + 1),
+        gpus_per_node,
+        device,
+        analytic,
+        job.memory,
+    )
+    lo, hi = job.x_min or 1, min(available_gpus, job.x_max or available_gpus)
+    d_run = cost.d_running(max(1, -(-available_gpus // gpus_per_node)))
+    best: tuple[float, int, int, Layout] | None = None
+    for x in range(lo, hi + 1):
+        e = table.entry(x)
+        if e is None or e.layout is None or e.flops <= 0:
+            continue
+        f = job.weight * e.flops
+        keep = current is not None and current == e.layout
+        score = f * d_run - (0.0 if keep else f * cost.transition_s)
+        key = (score, 1 if keep else 0, -x, e.layout)
+        if best is None or key[:3] > best[:3]:
+            best = key
+    if current is not None and current.num_gpus <= hi and current.num_gpus >= lo:
+        e = table.entry(current.num_gpus)
+        if e is not None and e.flops > 0:
+            # Keeping the current layout: scored with the table's throughput for its GPU count.
+            f = job.weight * e.flops
+            key = (f * d_run, 1, -current.num_gpus, current)
+            if best is None or key[:3] > best[:3]:
+                best = key
+    if best is None:
+        raise NoFeasibleLayoutError(
+            f"job {job.name}: no layout fits {available_gpus} GPUs ({gpus_per_node} per node, global batch "
+            f"{job.global_batch_size}, {job.model.num_layers} layers, {job.model.num_attention_heads} heads)"
+        )
+    return -best[2], best[3]
