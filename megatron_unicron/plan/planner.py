@@ -35,7 +35,7 @@ from megatron_unicron.plan.layouts import Layout
 from megatron_unicron.plan.memory import MemoryOptions
 from megatron_unicron.plan.models import ModelShape
 from megatron_unicron.plan.table import TableEntry, ThroughputTable
-from megatron_unicron.plan.throughput import AnalyticParams, analytic_table
+from megatron_unicron.plan.throughput import AnalyticParams, analytic_table, iteration_time
 
 __all__ = ["JobSpec", "Cluster", "JobPlan", "Plan", "plan", "plan_single_job", "job_table"]
 
@@ -333,12 +333,15 @@ def plan_single_job(
     device: DeviceSpec | None = None,
     analytic: AnalyticParams | None = None,
     cost: CostParams | None = None,
+    prefer_more_gpus: bool = False,
 ) -> tuple[int, Layout]:
     """GPU count and layout for one job on `available_gpus` GPUs (any count, not whole nodes).
 
     Uses the job's table when it has one, else the analytic model on `device` (default: the `cpu`
-    preset). Keeping `current` (when it still fits) costs no transition; any other choice is charged
-    `cost.transition_s` at the new WAF. Ties go to the current layout, then to fewer GPUs.
+    preset). The choice maximises G = F·D_running − [transition]·F·D_transition: keeping `current`
+    (when it still fits) costs no transition, any other layout is charged `cost.transition_s` at its
+    WAF. Ties go to the current layout, then to fewer GPUs. With `prefer_more_gpus` the largest
+    feasible GPU count wins first (useful to exercise scale-up when more GPUs do not pay on CPU).
     """
     if isinstance(available_gpus, bool) or not isinstance(available_gpus, int) or available_gpus < 1:
         raise PlanInputError(
@@ -357,28 +360,39 @@ def plan_single_job(
     )
     lo, hi = job.x_min or 1, min(available_gpus, job.x_max or available_gpus)
     d_run = cost.d_running(max(1, -(-available_gpus // gpus_per_node)))
-    best: tuple[float, int, int, Layout] | None = None
+    candidates: list[tuple[Layout, float, bool]] = []
     for x in range(lo, hi + 1):
         e = table.entry(x)
-        if e is None or e.layout is None or e.flops <= 0:
-            continue
-        f = job.weight * e.flops
-        keep = current is not None and current == e.layout
-        score = f * d_run - (0.0 if keep else f * cost.transition_s)
-        key = (score, 1 if keep else 0, -x, e.layout)
-        if best is None or key[:3] > best[:3]:
-            best = key
-    if current is not None and current.num_gpus <= hi and current.num_gpus >= lo:
+        if e is not None and e.layout is not None and e.flops > 0:
+            candidates.append((e.layout, job.weight * e.flops, e.layout == current))
+    if current is not None and lo <= current.num_gpus <= hi and not any(keep for _, _, keep in candidates):
         e = table.entry(current.num_gpus)
         if e is not None and e.flops > 0:
-            # Keeping the current layout: scored with the table's throughput for its GPU count.
-            f = job.weight * e.flops
-            key = (f * d_run, 1, -current.num_gpus, current)
-            if best is None or key[:3] > best[:3]:
-                best = key
-    if best is None:
+            # Keeping the current layout. Without a table the analytic model scores it; a table only
+            # knows its best layout at that count, which then stands in for the current one.
+            flops = e.flops
+            if job.table is None:
+                t = iteration_time(
+                    job.model,
+                    current,
+                    job.global_batch_size,
+                    gpus_per_node,
+                    device,
+                    analytic or AnalyticParams.for_device(device),
+                    job.memory,
+                )
+                flops = job.global_batch_size * job.model.flops_per_sample() / t
+            candidates.append((current, job.weight * flops, True))
+    if not candidates:
         raise NoFeasibleLayoutError(
             f"job {job.name}: no layout fits {available_gpus} GPUs ({gpus_per_node} per node, global batch "
             f"{job.global_batch_size}, {job.model.num_layers} layers, {job.model.num_attention_heads} heads)"
         )
-    return -best[2], best[3]
+
+    def key(c: tuple[Layout, float, bool]) -> tuple[int, float, int, int]:
+        layout, f, keep = c
+        score = f * d_run - (0.0 if keep else f * cost.transition_s)
+        return (layout.num_gpus if prefer_more_gpus else 0, score, int(keep), -layout.num_gpus)
+
+    layout = max(candidates, key=key)[0]
+    return layout.num_gpus, layout

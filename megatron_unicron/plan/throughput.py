@@ -108,10 +108,11 @@ class AnalyticParams:
     def for_device(cls, device: DeviceSpec) -> AnalyticParams:
         """Uncalibrated defaults: GPU values, or CPU values (small-GEMM efficiency, Python overhead)."""
         if device.name == "cpu":
+            # measured, see plan.hardware's `cpu` preset
             return cls(
-                compute_efficiency=0.5,
-                half_efficiency_flops=2e6,
-                comm_efficiency=0.5,
+                compute_efficiency=0.67,
+                half_efficiency_flops=3.3e7,
+                comm_efficiency=1.0,
                 microbatch_overhead_s=2e-3,
                 iteration_overhead_s=5e-3,
             )
