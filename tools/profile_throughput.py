@@ -2,13 +2,14 @@
 
     python tools/profile_throughput.py --model tiny --global-batch-size 8 --gpus 1,2,3,4 \
         --gpus-per-node 2 --device cpu --out examples/cluster/tables/tiny_cpu.yaml \
-        [--train-iters 10 --warmup-iters 3 --top-k 3] [--calibrate-out analytic.yaml] [--dry-run]
+        [--train-iters 10 --warmup-iters 3 --top-k 3] [--calibrate-out analytic.yaml] [--dry-run | --analytic]
 
 For every GPU count it runs the `--top-k` layouts the analytic model ranks best with
 `python -m megatron_unicron.launch --nproc-per-node N examples/gpt/pretrain_gpt.py ...` (see
 `megatron_unicron.plan.profile`), skips the warm-up iterations, takes the median iteration time and
 writes the YAML table (`megatron_unicron.plan.table`). `--calibrate-out` also writes the analytic model's
-parameters fitted to all measured layouts. On GPUs pass `--device a800-80gb --precision bf16` and the
+parameters fitted to all measured layouts; `--analytic` writes the uncalibrated model's table without
+running anything. On GPUs pass `--device a800-80gb --precision bf16` and the
 real model (a preset name or `--model-yaml FILE`).
 """
 
@@ -31,6 +32,7 @@ from megatron_unicron.plan.memory import MemoryOptions
 from megatron_unicron.plan.models import model_from_config
 from megatron_unicron.plan.profile import ProfileConfig, candidate_layouts, profile, training_command
 from megatron_unicron.plan.table import save_table
+from megatron_unicron.plan.throughput import analytic_table
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -56,6 +58,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="table YAML to write")
     p.add_argument("--calibrate-out", help="also write the analytic parameters fitted to the measurements")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    p.add_argument(
+        "--analytic", action="store_true", help="write the analytic model's table instead of running"
+    )
     return p.parse_args(argv)
 
 
@@ -85,6 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_args=tuple(shlex.split(a.extra_args)),
             timeout_s=a.timeout_s,
         )
+        if a.analytic:
+            counts = sorted(set(cfg.gpu_counts))
+            table = analytic_table(
+                model, cfg.global_batch_size, counts, cfg.gpus_per_node, device, memory=memory
+            )
+            save_table(table, a.out)
+            print(
+                f"wrote {a.out}: analytic model, {sum(e.flops > 0 for e in table.entries)} feasible counts"
+            )
+            return 0
         if a.dry_run:
             for gpus in sorted(set(cfg.gpu_counts)):
                 for layout in candidate_layouts(cfg, gpus):

@@ -1,6 +1,6 @@
 """`unicron-plan CLUSTER.yaml [--lost NODE,...] [--json]`: print the plan for a cluster file.
 
-Without `--json` it prints a table (job, GPUs, nodes, layout, TFLOP/s, transition) and the free and lost
+Without `--json` it prints a table (job, GPUs, nodes, layout, FLOP/s, transition) and the free and lost
 nodes; with `--json` the plan as one JSON object (`Plan.to_dict()`). Bad input prints one line on
 stderr and exits with status 2.
 """
@@ -24,9 +24,16 @@ def _node_list(nodes: Sequence[str]) -> str:
     return ",".join(nodes) if len(nodes) <= 4 else f"{nodes[0]},...,{nodes[-1]} ({len(nodes)})"
 
 
+def _si(flops: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.1f} {unit}"
+    return f"{flops:.0f} "
+
+
 def format_plan(p: Plan) -> str:
     """Human-readable table of a plan."""
-    rows = [("job", "gpus", "nodes", "layout", "TFLOP/s", "transition")]
+    rows = [("job", "gpus", "nodes", "layout", "FLOP/s", "transition")]
     for jp in p.jobs:
         rows.append(
             (
@@ -34,7 +41,7 @@ def format_plan(p: Plan) -> str:
                 str(jp.gpus),
                 _node_list(jp.nodes),
                 str(jp.layout) if jp.layout else "parked",
-                f"{jp.flops / 1e12:.1f}",
+                _si(jp.flops),
                 "yes" if jp.transition else "no",
             )
         )
@@ -42,7 +49,7 @@ def format_plan(p: Plan) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(
         f"free: {_node_list(p.free_nodes)}   lost: {_node_list(p.lost_nodes)}   "
-        f"moved nodes: {p.moved_nodes}   cluster WAF: {p.total_waf / 1e12:.1f} TFLOP/s"
+        f"moved nodes: {p.moved_nodes}   cluster WAF: {_si(p.total_waf)}FLOP/s"
     )
     return "\n".join(lines)
 

@@ -26,6 +26,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["encode_keys", "solve", "solve_naive", "solve_brute_force"]
 
+_BLOCK = 64
+
 
 def encode_keys(rewards: Sequence[np.ndarray], current: Sequence[int], n: int) -> list[np.ndarray]:
     """Per job, the exact lexicographic key of giving it k = 0..len-1 nodes (see module docstring)."""
@@ -53,21 +55,19 @@ def solve(keys: Sequence[np.ndarray], n: int) -> tuple[list[int], float]:
     choices = np.zeros((m, n + 1), dtype=np.int32)
     for i, key in enumerate(keys):
         kmax = min(len(key) - 1, n)
-        v = key[: kmax + 1]
+        v_rev = key[: kmax + 1][::-1]
         padded = np.concatenate([np.full(kmax, -np.inf), prev])
         window = sliding_window_view(padded, kmax + 1)  # row j: prev[j-kmax .. j]
-        if i == m - 1:
-            window = window[n:]  # only j = n is read for the last job
-        total = window + v[::-1]
-        col = np.argmax(total, axis=1)
-        best = total[np.arange(total.shape[0]), col]
-        if i == m - 1:
-            choices[i, n] = kmax - col[0]
-            prev = np.full(n + 1, -np.inf)
-            prev[n] = best[0]
-        else:
-            choices[i] = kmax - col
-            prev = best
+        rows = range(n, n + 1) if i == m - 1 else range(n + 1)  # the last job only needs j = n
+        best = np.full(n + 1, -np.inf)
+        # row blocks keep the (rows x k) temporary in cache instead of one (n+1)^2 array
+        for start in range(rows.start, rows.stop, _BLOCK):
+            stop = min(start + _BLOCK, rows.stop)
+            total = window[start:stop] + v_rev
+            col = np.argmax(total, axis=1)
+            best[start:stop] = np.take_along_axis(total, col[:, None], axis=1)[:, 0]
+            choices[i, start:stop] = kmax - col
+        prev = best
     alloc = [0] * m
     j = n
     for i in range(m - 1, -1, -1):

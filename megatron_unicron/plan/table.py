@@ -130,23 +130,22 @@ class ThroughputTable:
     def curve(
         self, gpus_per_node: int, max_nodes: int, x_min: int = 0, x_max: int | None = None
     ) -> tuple[np.ndarray, list[TableEntry | None]]:
-        """Best FLOP/s and entry on k whole nodes, k = 0..max_nodes (non-decreasing in k)."""
-        flops = np.zeros(max_nodes + 1)
-        chosen: list[TableEntry | None] = [None] * (max_nodes + 1)
-        best: TableEntry | None = None
-        it = iter(self.entries)
-        nxt = next(it, None)
-        cap = x_max if x_max is not None else float("inf")
-        for k in range(1, max_nodes + 1):
-            limit = min(k * gpus_per_node, cap)
-            while nxt is not None and nxt.gpus <= limit:
-                if nxt.gpus >= x_min and nxt.flops > 0 and (best is None or nxt.flops > best.flops):
-                    best = nxt
-                nxt = next(it, None)
-            if best is not None:
-                flops[k] = best.flops
-                chosen[k] = best
-        return flops, chosen
+        """Best FLOP/s and entry on k whole nodes, k = 0..max_nodes (fewest GPUs on ties)."""
+        gpus = np.array([e.gpus for e in self.entries])
+        flops = np.array([e.flops for e in self.entries], dtype=np.float64)
+        usable = (flops > 0) & (gpus >= x_min)
+        if x_max is not None:
+            usable &= gpus <= x_max
+        flops = np.where(usable, flops, 0.0)
+        # running best over entries sorted by GPU count; a new best must be strictly better
+        prior = np.maximum.accumulate(np.concatenate([[0.0], flops[:-1]]))
+        best_idx = np.maximum.accumulate(np.where(flops > prior, np.arange(len(flops)), -1))
+        # entries reachable on k nodes: gpus <= k * gpus_per_node
+        reach = np.searchsorted(gpus, np.arange(max_nodes + 1) * gpus_per_node, side="right") - 1
+        idx = np.where(reach >= 0, best_idx[np.maximum(reach, 0)], -1)
+        out = np.where(idx >= 0, flops[np.maximum(idx, 0)], 0.0)
+        chosen = [self.entries[i] if i >= 0 and out[k] > 0 else None for k, i in enumerate(idx.tolist())]
+        return out, chosen
 
     def to_dict(self) -> dict[str, Any]:
         """YAML-ready mapping (the format in the module docstring)."""

@@ -4,6 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_unicron.plan.calibrate import Measurement, calibrate, fit_error
 from megatron_unicron.plan.errors import PlanInputError
@@ -140,3 +142,21 @@ def test_device_config_errors():
     with pytest.raises(PlanInputError, match="device.peak_flops: expected a positive number"):
         device_from_config({"preset": "cpu", "peak_flops": -1})
     assert np.isfinite(CPU.peak_flops)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0, 5.0]), min_size=1, max_size=12),
+    st.integers(1, 4),
+    st.integers(0, 12),
+    st.one_of(st.none(), st.integers(1, 12)),
+)
+def test_node_curve_matches_best_within(flops, gpn, x_min, x_max):
+    table = ThroughputTable(
+        entries=tuple(TableEntry(g, f, Layout(1, 1, g) if f else None) for g, f in enumerate(flops, 1))
+    )
+    curve, chosen = table.curve(gpn, 6, x_min, x_max)
+    for k in range(7):
+        ref = table.best_within(k * gpn, x_min, x_max) if k else None
+        assert curve[k] == (ref.flops if ref else 0.0)
+        assert chosen[k] == ref
