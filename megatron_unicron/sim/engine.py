@@ -79,13 +79,17 @@ class SimContext:
         return job.epoch
 
     def resume_after(self, job: JobState, delay: float, rate: float | None = None) -> None:
-        """Resume the job `delay` seconds from now (unless it is stalled again before)."""
+        """Resume the job `delay` seconds from now (unless it is stalled again before).
+
+        `rate` (default: unchanged) becomes the job's rate at once, so that a later recovery that
+        supersedes this one resumes at the newest intended rate.
+        """
         epoch = job.epoch
+        if rate is not None:
+            job.rate = rate
 
         def go() -> None:
             if job.epoch == epoch:
-                if rate is not None:
-                    job.rate = rate
                 job.running = job.rate > 0
 
         self.after(delay, go)

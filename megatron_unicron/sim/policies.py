@@ -155,6 +155,7 @@ class MegatronPolicy(TablePolicy):
         super().__init__(cluster, tables)
         self.p = params
         self.detect_end: dict[str, float] = {}
+        self.waiting: set[str] = set()  # jobs stalled on a lost node until it is back or drained
 
     def _restart_s(self) -> float:
         return self.p.requeue_s + self.p.setup_s + self.p.recompute_s
@@ -164,11 +165,15 @@ class MegatronPolicy(TablePolicy):
         job = ctx.owner(node)
         if job is None:
             return
+        name = job.spec.name
+        if name in self.waiting:
+            return  # already down until a repair or a drain; the next restart covers this failure too
         hang = failure.signal in (Signal.HANG, Signal.LOST)
         det = self.p.hang_timeout_s if hang else self.p.exception_detection_s
         epoch = ctx.stall(job)
-        self.detect_end[job.spec.name] = ctx.now + det
+        self.detect_end[name] = ctx.now + det
         if failure.takes_node_down:
+            self.waiting.add(name)
             ctx.after(det + self.p.manual_drain_s, lambda: self._drain(ctx, job, epoch))
         else:
             ctx.resume_after(job, det + self._restart_s(), rate=self.rate_on(job, self.healthy(ctx, job)))
@@ -178,6 +183,7 @@ class MegatronPolicy(TablePolicy):
             return
         rate = self.rate_on(job, self.healthy(ctx, job))
         if rate > 0:  # down-scaled restart on the healthy nodes; otherwise wait for the repair
+            self.waiting.discard(job.spec.name)
             ctx.resume_after(job, self._restart_s(), rate=rate)
 
     def on_node_back(self, ctx: SimContext, node: str) -> None:
@@ -186,6 +192,7 @@ class MegatronPolicy(TablePolicy):
         if job is None:
             return
         was_running = job.running
+        self.waiting.discard(job.spec.name)
         ctx.stall(job)
         wait = max(self.detect_end.get(job.spec.name, ctx.now) - ctx.now, 0.0)
         restart = self.p.requeue_s + self.p.setup_s + (0.0 if was_running else self.p.recompute_s)

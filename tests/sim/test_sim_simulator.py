@@ -168,3 +168,24 @@ def test_peers_healthy_throughput_follows_their_restrictions():
     assert res["bamboo"].per_job["small"] == pytest.approx(
         dataclasses.replace(PolicyParams().bamboo).efficiency * res["oobleck"].per_job["small"], rel=0.35
     )
+
+
+def test_a_failure_during_a_recovery_resumes_at_the_newest_plan():
+    c = _one_job_cluster()
+    trace = (
+        TraceEvent(1000.0, "n2", "ecc_error"),
+        TraceEvent(1010.0, "n0", "cuda_error"),
+        TraceEvent(1100.0, "n1", "nccl_timeout"),
+    )
+    p = PolicyParams()
+    res = simulate(c, trace, 5 * HOUR, ["unicron", "megatron"], p, node_mtbf_s=1e7)
+    u = res["unicron"]
+    # the restart of n0 supersedes the transition, and the job resumes on the 3-node plan, not at 4 nodes
+    assert u.rates[-1] == pytest.approx(3e15) and max(u.rates[1:]) == pytest.approx(3e15)
+    mg = res["megatron"]
+    m = p.megatron
+    # Megatron stays down until the operator drains n2; the later failures do not restart it earlier
+    assert mg.times[1] == 1000.0 and mg.times[2] == pytest.approx(
+        1000.0 + m.exception_detection_s + m.manual_drain_s + m.requeue_s + m.setup_s + m.recompute_s
+    )
+    assert mg.rates[2] == pytest.approx(3e15)
