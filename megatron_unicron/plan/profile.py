@@ -1,7 +1,8 @@
 """Profile real training iterations into a throughput table (the logic behind tools/profile_throughput.py).
 
-For every GPU count, the candidate layouts are the valid ones (`plan.layouts`) ranked by the analytic
-model; the `top_k` best predicted are run for real with the project's training script:
+For every GPU count, the candidates are the valid layouts (`plan.layouts`): for each (TP, PP) the
+micro-batch size the analytic model predicts fastest, and of those the `top_k` fastest (so a profile
+compares DP, PP and TP). Each candidate runs for real with the project's training script:
 
     python -m megatron_unicron.launch --nproc-per-node N examples/gpt/pretrain_gpt.py <Megatron-LM flags>
         --unicron-metrics-log PATH
