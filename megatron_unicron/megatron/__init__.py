@@ -1,0 +1,1 @@
+"""Adapter between megatron_unicron and megatron-core: the only package that imports megatron internals."""
