@@ -1,1 +1,1 @@
-"""The adapter to megatron-core: the only package that imports megatron-core internals."""
+"""Adapter between megatron_unicron and megatron-core: the only package that imports megatron internals."""
