@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("auto", "jsonl", "text")
 CHUNK_DOCUMENTS = 512
-# A spawned worker's tokenizer, set once by `_init_worker` (the adapter may keep such state).
+# In each spawned worker process: its tokenizer, set once by `_init_worker`.
 _WORKER: dict[str, Tokenizer] = {}
 
 
