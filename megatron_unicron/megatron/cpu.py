@@ -210,9 +210,7 @@ class _TorchOnCpu(types.ModuleType):
 TORCH_ON_CPU = _TorchOnCpu()
 
 
-def _cpu_get_rng_state(
-    device: Any = "cuda", clone: bool = False, graph_safe: bool = False
-) -> torch.Tensor:
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     HITS["tensor_parallel.random._get_cuda_rng_state"] += 1
     state = torch.get_rng_state()
     return state.clone() if clone else state

@@ -1,0 +1,1 @@
+"""In-band failure detection: process supervision, leases, exception capture, statistical monitoring."""

@@ -1,0 +1,154 @@
+"""Step guard: the state before the optimizer step, so a failed iteration is redone from a clean state.
+
+An iteration mutates the model only in ``optimizer.step()``; until then a failure leaves parameters,
+Adam state and the LR schedule as they were, and redoing the iteration needs only the RNG state of its
+start. But a failure *inside* the step can leave ranks at two different iterations: ranks that got past
+the step's last collective (the gradient-norm all-reduce) finish their update, the others do not. So
+right before the step every rank copies what the step changes (inner optimizer parameters and state,
+model parameters, the LR scheduler and the loss scaler) and the RNG of the iteration's start. When
+recovering, the survivors agree on the oldest iteration any of them holds; a rank one step ahead puts
+its copy back. State is therefore never mixed from two iterations: every rank resumes from the end of
+the same iteration.
+
+The copy costs one memcpy of the optimizer's tensors per iteration (host memory on CPU);
+``--unicron-step-guard`` off skips it (then a failure inside the step falls back to older sources).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RngState:
+    """Every generator a step draws from."""
+
+    python: Any
+    numpy: Any
+    torch_cpu: torch.Tensor
+    cuda: torch.Tensor | None
+    tracker: dict[str, torch.Tensor]
+
+    @classmethod
+    def capture(cls) -> RngState:
+        """The current states."""
+        from megatron.core import tensor_parallel
+
+        return cls(
+            python=random.getstate(),
+            numpy=np.random.get_state(),
+            torch_cpu=torch.get_rng_state(),
+            cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            tracker={k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+        )
+
+    def restore(self) -> None:
+        """Put the captured states back."""
+        from megatron.core import tensor_parallel
+
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch_cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+        tensor_parallel.get_cuda_rng_tracker().set_states({k: v.clone() for k, v in self.tracker.items()})
+
+
+def restore_scheduler(scheduler: Any, state: dict[str, Any]) -> None:
+    """Load a scheduler state into a live scheduler (megatron's ``load_state_dict`` adds to its steps)."""
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(copy.deepcopy(state))
+
+
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
+    tensors: list[torch.Tensor] = []
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                tensors.append(param.data)
+                tensors.extend(v for v in inner.state.get(param, {}).values() if isinstance(v, torch.Tensor))
+    return tensors
+
+
+@dataclass
+class PreStepCopy:
+    """What the optimizer step of ``iteration`` (0-based, not yet committed) will change."""
+
+    iteration: int
+    rng: RngState
+    optimizer_tensors: list[torch.Tensor]
+    model_tensors: list[torch.Tensor]
+    scheduler: dict[str, Any]
+    grad_scaler: dict[str, Any] | None
+    consumed_train_samples: int
+    floating_point_operations: float
+
+
+class StepGuard:
+    """Keeps the RNG of the iteration in flight and the pre-step copy of the last step begun."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.iteration_start: RngState | None = None
+        self.pre_step: PreStepCopy | None = None
+
+    def begin_iteration(self) -> None:
+        """Record the RNG at the start of an iteration (to redo it exactly)."""
+        self.iteration_start = RngState.capture()
+
+    def before_step(self, bundle: Any, progress: Any) -> None:
+        """Copy what ``optimizer.step()`` of the in-flight iteration is about to change."""
+        if not self.enabled:
+            return
+        assert self.iteration_start is not None
+        scaler = getattr(bundle.optimizer, "grad_scaler", None)
+        self.pre_step = PreStepCopy(
+            iteration=progress.iteration,
+            rng=self.iteration_start,
+            optimizer_tensors=[t.detach().clone() for t in _optimizer_tensors(bundle.optimizer)],
+            model_tensors=[p.detach().clone() for p in bundle.gpt.parameters()],
+            scheduler=copy.deepcopy(bundle.scheduler.state_dict()),
+            grad_scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
+            consumed_train_samples=progress.consumed_train_samples,
+            floating_point_operations=progress.floating_point_operations,
+        )
+
+    def rewind_in_flight(self) -> None:
+        """Undo what the in-flight (uncommitted) iteration changed: only the RNG."""
+        if self.iteration_start is not None:
+            self.iteration_start.restore()
+
+    def can_undo_step(self, iteration: int) -> bool:
+        """Whether the committed step of ``iteration`` can be undone on this rank."""
+        return self.pre_step is not None and self.pre_step.iteration == iteration
+
+    def undo_step(self, bundle: Any, progress: Any) -> None:
+        """Put back the state from before the last committed step; progress goes back one iteration."""
+        copy_ = self.pre_step
+        assert copy_ is not None
+        with torch.no_grad():
+            for live, saved in zip(
+                _optimizer_tensors(bundle.optimizer), copy_.optimizer_tensors, strict=True
+            ):
+                live.copy_(saved)
+            for live, saved in zip(bundle.gpt.parameters(), copy_.model_tensors, strict=True):
+                live.copy_(saved)
+        restore_scheduler(bundle.scheduler, copy_.scheduler)
+        scaler = getattr(bundle.optimizer, "grad_scaler", None)
+        if scaler is not None and copy_.grad_scaler is not None:
+            scaler.load_state_dict(copy.deepcopy(copy_.grad_scaler))
+        copy_.rng.restore()
+        progress.iteration = copy_.iteration
+        progress.consumed_train_samples = copy_.consumed_train_samples
+        progress.floating_point_operations = copy_.floating_point_operations
+        self.pre_step = None

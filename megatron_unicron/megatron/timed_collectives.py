@@ -1,0 +1,224 @@
+"""Timed collectives: every collective and point-to-point wait of a step gets an adaptive timeout.
+
+On gloo nothing aborts a blocked operation (not ``abort()``, not destroying the group): a rank waiting
+for a stopped peer blocks until the process group's own timeout, 10-30 minutes by default. This patch
+issues megatron's collectives (and the project's own) asynchronously and waits for them with a timeout
+that follows the statistics of that operation (``detect.watchdog``): a wait that expires raises
+:class:`CollectiveTimeout` in the training thread, in-band, within seconds; the recovery then abandons
+the group without blocking (``groups.abandon_world``). Operations inside megatron's coalescing manager
+are waited as one, through a timed version of ``_coalescing_manager``.
+
+With NCCL the wait is not timed here (a CUDA stream cannot be waited for from the CPU without a
+synchronize); the iteration monitor aborts the communicator instead.
+
+Patched: ``torch.distributed.{all_reduce, all_gather_into_tensor, reduce_scatter_tensor, all_gather,
+broadcast, barrier, batch_isend_irecv}`` (megatron's pipeline uses batched p2p by default;
+``isend``/``irecv`` themselves stay untouched because ``P2POp`` checks their identity) and
+``megatron.core.distributed.param_and_grad_buffer._coalescing_manager``. Revertible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_unicron.detect.watchdog import AdaptiveTimeouts
+from megatron_unicron.megatron.patching import PatchSet, PatchSite
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "all_gather",
+    "broadcast",
+    "barrier",
+)
+
+SITES: tuple[PatchSite, ...] = (
+    *(PatchSite("torch.distributed", name, "waited with an adaptive timeout") for name in COLLECTIVES),
+    PatchSite("torch.distributed", "batch_isend_irecv", "pipeline p2p: each request waited with a timeout"),
+    PatchSite(
+        "megatron.core.distributed.param_and_grad_buffer",
+        "_coalescing_manager",
+        "DDP bucket reductions are waited as one coalesced work",
+    ),
+)
+
+_PATCHES = PatchSet("megatron_unicron timed collectives")
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective or point-to-point operation exceeded its adaptive timeout (a hang or a lost peer)."""
+
+    def __init__(self, op: str, group_ranks: tuple[int, ...], waited_s: float, timeout_s: float) -> None:
+        super().__init__(
+            f"Timed out waiting {timeout_s * 1000:.0f}ms for {op} on ranks {list(group_ranks)} "
+            f"(waited {waited_s:.2f}s; adaptive timeout)"
+        )
+        self.op = op
+        self.group_ranks = group_ranks
+
+
+def _group_ranks(group: Any) -> tuple[int, ...]:
+    try:
+        if group is None or group is dist.group.WORLD:
+            return tuple(range(dist.get_world_size()))
+        return tuple(dist.get_process_group_ranks(group))
+    except (RuntimeError, ValueError):
+        return ()
+
+
+def _numel(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.numel()
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            return sum(t.numel() for t in value)
+    return 0
+
+
+def _in_coalescing(group: Any) -> bool:
+    state = dist.distributed_c10d._world.pg_coalesce_state
+    target = dist.distributed_c10d._get_default_group() if group is None else group
+    return target in state
+
+
+class TimedWork:
+    """A ``Work`` whose ``wait()`` uses the adaptive timeout and records the operation's duration."""
+
+    def __init__(self, works: list[Any], key: tuple[Any, ...], timeouts: AdaptiveTimeouts) -> None:
+        self._works = [w for w in works if w is not None]
+        self._key = key
+        self._timeouts = timeouts
+        self._issued = time.monotonic()
+        self._done = False
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        """Wait for completion; raise CollectiveTimeout when the adaptive timeout expires first."""
+        if self._done:
+            return True
+        limit = self._timeouts.timeout_for(self._key)
+        if timeout is not None:
+            limit = min(limit, timeout.total_seconds())
+        deadline = self._issued + limit
+        for work in self._works:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                work.wait(timedelta(seconds=remaining))
+            except RuntimeError as error:
+                if "timed out" not in str(error).lower():
+                    raise
+                raise CollectiveTimeout(
+                    self._key[0], self._key[1], time.monotonic() - self._issued, limit
+                ) from error
+        self._done = True
+        self._timeouts.record(self._key, time.monotonic() - self._issued)
+        return True
+
+    def is_completed(self) -> bool:
+        """Whether every underlying work completed."""
+        return all(w.is_completed() for w in self._works)
+
+    def get_future(self) -> Any:
+        """The underlying work's future (single-work only)."""
+        return self._works[0].get_future()
+
+    def result(self) -> Any:
+        """The underlying work's result (single-work only)."""
+        return self._works[0].result()
+
+
+def _timed_collective(
+    name: str, original: Callable[..., Any], timeouts: AdaptiveTimeouts
+) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        group = bound.arguments.get("group")
+        if _in_coalescing(group):
+            return original(*args, **kwargs)
+        caller_async = bool(bound.arguments.get("async_op", False))
+        bound.arguments["async_op"] = True
+        key = (name, _group_ranks(group), _numel(args, kwargs))
+        work = TimedWork([original(*bound.args, **bound.kwargs)], key, timeouts)
+        if caller_async:
+            return work
+        work.wait()
+        return None
+
+    return wrapper
+
+
+def _timed_batch(original: Callable[..., Any], timeouts: AdaptiveTimeouts) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(p2p_op_list: list[Any]) -> list[Any]:
+        works = original(p2p_op_list)
+        shape = tuple((op.op.__name__, op.peer, op.tensor.numel()) for op in p2p_op_list)
+        return [TimedWork(list(works), ("batch_isend_irecv", shape, 0), timeouts)]
+
+    return wrapper
+
+
+class _TimedCoalescing:
+    """Stand-in for torch's ``_CoalescingManager``: its ``wait()`` is timed."""
+
+    def __init__(self, timeouts: AdaptiveTimeouts, key: tuple[Any, ...]) -> None:
+        self.works: list[Any] = []
+        self._timeouts = timeouts
+        self._key = key
+        self._timed: TimedWork | None = None
+
+    def append(self, work: Any) -> None:
+        self.works.append(work)
+
+    def wait(self) -> None:
+        if self._timed is None:
+            self._timed = TimedWork(self.works, self._key, self._timeouts)
+        self._timed.wait()
+
+
+def _timed_coalescing_manager(original: Callable[..., Any], timeouts: AdaptiveTimeouts) -> Callable[..., Any]:
+    @contextlib.contextmanager
+    def manager(group: Any = None, device: Any = None, async_ops: bool = False) -> Iterator[Any]:
+        proxy = _TimedCoalescing(timeouts, ("coalesced", _group_ranks(group), 0))
+        with original(group, device, async_ops=True) as inner:
+            yield proxy
+        proxy.works = list(inner.works)
+        if not async_ops:
+            proxy.wait()
+
+    return manager
+
+
+def apply(timeouts: AdaptiveTimeouts) -> None:
+    """Time every collective and p2p wait with ``timeouts`` (idempotent: re-applying swaps the policy)."""
+    if torch.cuda.is_available():
+        return
+    revert()
+    import megatron.core.distributed.param_and_grad_buffer as buffers
+
+    for name in COLLECTIVES:
+        _PATCHES.replace(dist, name, _timed_collective(name, getattr(dist, name), timeouts))
+    _PATCHES.replace(dist, "batch_isend_irecv", _timed_batch(dist.batch_isend_irecv, timeouts))
+    manager = _timed_coalescing_manager(buffers._coalescing_manager, timeouts)
+    _PATCHES.replace(buffers, "_coalescing_manager", manager)
+
+
+def revert() -> int:
+    """Restore the original functions."""
+    return _PATCHES.revert()
+
+
+def is_applied() -> bool:
+    """Whether collectives are currently timed."""
+    return _PATCHES.applied

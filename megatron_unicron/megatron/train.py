@@ -1,0 +1,331 @@
+"""The training loop: Megatron-LM's ``pretrain`` for GPT on megatron-core, one generation at a time.
+
+A :class:`Trainer` owns what survives a change of parallel layout (arguments, datasets, the training
+progress) and rebuilds what does not (process groups, model, optimizer, scheduler) per *generation*.
+Each iteration consumes one global batch: the same global samples in the same order whatever the
+data-parallel degree, so a run's loss curve does not depend on its layout beyond fp32 reduction order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_unicron.megatron import data, groups
+from megatron_unicron.megatron.groups import ParallelCoords
+from megatron_unicron.megatron.guard import StepGuard
+from megatron_unicron.megatron.model import ModelBundle, build_model_bundle
+from megatron_unicron.megatron.progress import IterationStats, TrainingReporter, validation_lines
+
+if TYPE_CHECKING:
+    from megatron_unicron.megatron.args import MegatronArgs
+
+logger = logging.getLogger(__name__)
+
+ForwardStepFunc = Callable[[Iterator[dict[str, Any]] | None, Any], tuple[torch.Tensor, Callable[..., Any]]]
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """What the launcher tells a worker through its environment (torchrun's variables)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    job: str
+    restart_count: int
+
+    @classmethod
+    def from_environ(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> WorkerEnv:
+        """Read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (as torchrun sets them)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            rank=int(env.get("RANK", "0")),
+            world_size=int(env.get("WORLD_SIZE", "1")),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            job=env.get("UNICRON_JOB") or env.get("TORCHELASTIC_RUN_ID") or "job",
+            restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        )
+
+
+@dataclass
+class TrainingProgress:
+    """Where training stands; carried over every change of layout and saved in checkpoints."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    floating_point_operations: float = 0.0
+
+
+@dataclass
+class Generation:
+    """The process groups and model state of one layout."""
+
+    number: int
+    coords: ParallelCoords
+    bundle: ModelBundle
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def connect_store(env: WorkerEnv, timeout: timedelta) -> dist.TCPStore:
+    """A client of the launcher-hosted store (workers never host it)."""
+    return dist.TCPStore(env.master_addr, env.master_port, None, False, timeout)
+
+
+def gpt_flops_per_iteration(args: MegatronArgs, padded_vocab_size: int) -> float:
+    """Model FLOPs of one iteration (forward + backward), Megatron's dense-GPT formula."""
+    assert args.global_batch_size is not None
+    tokens = args.global_batch_size * args.seq_length
+    h, layers, ffn = args.hidden_size, args.num_layers, args.ffn_hidden_size
+    kv = args.kv_channels * args.num_query_groups
+    q = args.kv_channels * args.num_attention_heads
+    gated = 2 if args.swiglu else 1
+    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + 4 * q * args.seq_length + 2 * h * ffn * (gated + 1)
+    return 3.0 * tokens * (layers * per_layer + 2 * h * padded_vocab_size)
+
+
+class Trainer:
+    """Megatron GPT pretraining on megatron-core for one job, across generations of layouts."""
+
+    def __init__(self, args: MegatronArgs, forward_step_func: ForwardStepFunc, env: WorkerEnv) -> None:
+        assert args.global_batch_size is not None, "resolve_world() must fill the global batch size"
+        self.args = args
+        self.forward_step_func = forward_step_func
+        self.env = env
+        self.timeout = timedelta(minutes=args.distributed_timeout_minutes)
+        self.store = connect_store(env, self.timeout)
+        self.progress = TrainingProgress()
+        self.tokenizer = data.build_tokenizer(
+            args.tokenizer_type,
+            vocab_size=args.vocab_size,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+        )
+        self.padded_vocab_size = self.vocab_size_for(args.tensor_model_parallel_size)
+        self.datasets: data.Datasets | None = None
+        self.generation: Generation | None = None
+        self.reporter: TrainingReporter | None = None
+        self.guard = StepGuard(enabled=args.unicron.enabled)
+
+    def vocab_size_for(self, tp: int) -> int:
+        """Megatron-LM's padded vocabulary for a TP degree (the padding depends on TP)."""
+        return data.padded_vocab_size(self.tokenizer.vocab_size, self.args.make_vocab_size_divisible_by, tp)
+
+    # ------------------------------------------------------------------ generations
+    def store_prefix(self, generation: int) -> str:
+        """Store prefix of one generation's world group (a new prefix per generation and attempt)."""
+        return f"/unicron/{self.env.job}/attempt{self.env.restart_count}/gen{generation}/world"
+
+    def start_generation(self, number: int, rank: int, world_size: int, tp: int, pp: int) -> Generation:
+        """Create the world and megatron groups, then the model, optimizer and scheduler for (TP, PP)."""
+        groups.init_world(self.store, self.store_prefix(number), rank, world_size, self.timeout)
+        coords = groups.init_model_parallel(tp, pp, self.timeout)
+        groups.seed_everything(self.args.seed, coords)
+        self.padded_vocab_size = self.vocab_size_for(tp)
+        bundle = build_model_bundle(self.args, coords, self.padded_vocab_size)
+        self.generation = Generation(number=number, coords=coords, bundle=bundle)
+        if self.datasets is None:
+            self.datasets = self._build_datasets()
+        return self.generation
+
+    def end_generation(self) -> None:
+        """Tear a healthy generation down: model state first, then every process group."""
+        self.leave_generation(broken=False)
+
+    def leave_generation(self, *, broken: bool) -> None:
+        """Drop the current layout's model state and groups; a broken world is abandoned without blocking."""
+        if self.generation is not None:
+            self.generation.bundle.release()
+            self.generation = None
+        if broken:
+            groups.abandon_world()
+        else:
+            groups.destroy_world()
+
+    def _build_datasets(self) -> data.Datasets:
+        args = self.args
+        assert args.global_batch_size is not None
+        eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
+        return data.build_datasets(
+            data_path=args.data_path,
+            mock=args.mock_data,
+            split=args.split or "969, 30, 1",
+            seq_length=args.seq_length,
+            seed=args.seed,
+            tokenizer=self.tokenizer,
+            train_samples=args.train_iters * args.global_batch_size,
+            valid_samples=eval_runs * args.eval_iters * args.global_batch_size,
+            test_samples=args.eval_iters * args.global_batch_size,
+            data_cache_path=args.data_cache_path,
+        )
+
+    # ------------------------------------------------------------------ one iteration
+    def _microbatches(self, dataset: Any, consumed: int) -> list[dict[str, Any]] | None:
+        gen = self._current()
+        if not (gen.coords.is_first_stage or gen.coords.is_last_stage):
+            return None  # middle pipeline stages receive activations, not data
+        assert self.args.global_batch_size is not None
+        return data.microbatches_for_rank(
+            dataset,
+            consumed_samples=consumed,
+            global_batch_size=self.args.global_batch_size,
+            micro_batch_size=self.args.micro_batch_size,
+            dp_rank=gen.coords.dp_rank,
+            dp_size=gen.coords.dp_size,
+        )
+
+    def num_microbatches(self) -> int:
+        """Micro-batches per data-parallel rank in one global batch, for the current layout."""
+        assert self.args.global_batch_size is not None
+        return self.args.global_batch_size // (self.args.micro_batch_size * self._current().coords.dp_size)
+
+    def _current(self) -> Generation:
+        assert self.generation is not None, "no generation started"
+        return self.generation
+
+    def _forward_backward(self, batches: list[dict[str, Any]] | None, forward_only: bool) -> list[Any]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        bundle = self._current().bundle
+        return list(
+            get_forward_backward_func()(
+                forward_step_func=self.forward_step_func,
+                data_iterator=iter(batches) if batches is not None else None,
+                model=bundle.model,
+                num_microbatches=self.num_microbatches(),
+                seq_length=self.args.seq_length,
+                micro_batch_size=self.args.micro_batch_size,
+                forward_only=forward_only,
+            )
+        )
+
+    def _reduce_loss(self, losses: list[Any]) -> float:
+        """Megatron-LM's reported loss: Σ loss / Σ tokens over the global batch (last stage only)."""
+        from megatron.core import parallel_state as ps
+
+        if not losses:
+            return float("nan")
+        total = torch.stack([d["lm loss"].view(-1).double() for d in losses]).sum(dim=0)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return float(total[0] / total[1])
+
+    def train_step(self) -> IterationStats:
+        """One iteration: forward/backward over the global batch, optimizer step, LR schedule."""
+        assert self.datasets is not None and self.args.global_batch_size is not None
+        started = time.perf_counter()
+        self.guard.begin_iteration()
+        bundle = self._current().bundle
+        batches = self._microbatches(self.datasets.train, self.progress.consumed_train_samples)
+        for chunk in bundle.model:
+            chunk.zero_grad_buffer()
+        bundle.optimizer.zero_grad()
+        losses = self._forward_backward(batches, forward_only=False)
+        loss = self._reduce_loss(losses)
+        self.guard.before_step(bundle, self.progress)
+        # The commit point: after the step returns nothing else communicates in this iteration.
+        update_successful, grad_norm, _ = bundle.optimizer.step()
+        if update_successful:
+            bundle.scheduler.step(increment=self.args.global_batch_size)
+        self.progress.iteration += 1
+        self.progress.consumed_train_samples += self.args.global_batch_size
+        self.progress.floating_point_operations += gpt_flops_per_iteration(self.args, self.padded_vocab_size)
+        return IterationStats(
+            iteration=self.progress.iteration,
+            lm_loss=loss,
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            lr=float(bundle.optimizer.param_groups[0]["lr"]),
+            consumed_samples=self.progress.consumed_train_samples,
+            global_batch_size=self.args.global_batch_size,
+            elapsed_ms=(time.perf_counter() - started) * 1000.0,
+            tokens=self.args.global_batch_size * self.args.seq_length,
+            skipped=not update_successful,
+            loss_scale=float(bundle.optimizer.get_loss_scale().item()),
+        )
+
+    def evaluate(self) -> float | None:
+        """``--eval-iters`` forward-only global batches of the validation set; the mean loss."""
+        assert self.datasets is not None and self.args.global_batch_size is not None
+        if self.datasets.valid is None or self.args.eval_iters <= 0:
+            return None
+        for chunk in self._current().bundle.model:
+            chunk.eval()
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(self.args.eval_iters):
+                batches = self._microbatches(self.datasets.valid, self.progress.consumed_valid_samples)
+                total += self._reduce_loss(self._forward_backward(batches, forward_only=True))
+                self.progress.consumed_valid_samples += self.args.global_batch_size
+        for chunk in self._current().bundle.model:
+            chunk.train()
+        return total / self.args.eval_iters
+
+    # ------------------------------------------------------------------ the loop
+    def is_reporting_rank(self) -> bool:
+        """Megatron-LM prints from the last rank (a last-stage rank holding the loss)."""
+        return dist.get_rank() == dist.get_world_size() - 1
+
+    def train(self, on_iteration: Callable[[IterationStats], None] | None = None) -> None:
+        """Run iterations until ``--train-iters`` (or ``--exit-interval``), evaluating and saving."""
+        args = self.args
+        self.reporter = TrainingReporter(
+            train_iters=args.train_iters,
+            log_interval=args.log_interval,
+            enabled=self.is_reporting_rank(),
+            metrics_path=args.unicron.metrics_log,
+        )
+        try:
+            while self.progress.iteration < args.train_iters:
+                stats = self.train_step()
+                self.reporter.record(stats)
+                if on_iteration is not None:
+                    on_iteration(stats)
+                it = self.progress.iteration
+                if args.eval_interval and it % args.eval_interval == 0:
+                    self._report_validation(it)
+                if args.save and args.save_interval and it % args.save_interval == 0:
+                    self.save_checkpoint()
+                if args.exit_interval and it % args.exit_interval == 0:
+                    break
+            if args.save and not (args.save_interval and self.progress.iteration % args.save_interval == 0):
+                self.save_checkpoint()
+        finally:
+            self.reporter.close()
+
+    def _report_validation(self, iteration: int) -> None:
+        loss = self.evaluate()
+        if loss is not None and self.reporter is not None:
+            self.reporter.print_lines(validation_lines(iteration, loss))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        """Save a torch_dist checkpoint of the current iteration to ``--save``."""
+        from megatron_unicron.megatron import checkpoint
+
+        assert self.args.save is not None
+        elapsed = checkpoint.save(self.args.save, self, self.args)
+        if self.reporter is not None:
+            self.reporter.print_lines(
+                [f"  successfully saved checkpoint from iteration {self.progress.iteration:7d} to "
+                 f"{self.args.save} [ t {elapsed:.2f}s ]"]
+            )  # fmt: skip
+
+    def load_checkpoint(self) -> bool:
+        """Resume from ``--load``: model, optimizer, scheduler, RNG and data position; False if none."""
+        from megatron_unicron.megatron import checkpoint
+
+        if not self.args.load:
+            return False
+        return checkpoint.load(self.args.load, self, self.args)

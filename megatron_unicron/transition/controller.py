@@ -1,0 +1,260 @@
+"""Carries out a decision in a worker: leave the old generation, form the new one, move state, resume.
+
+Every live process of the job runs :func:`run_transition` with the same :class:`Decision`:
+
+1. *Agree on the iteration.* Each process posts how many iterations it has committed; all resume from
+   the oldest. A process one step ahead undoes its last step from its step guard; a process that was in
+   the middle of an iteration rewinds that iteration's RNG.
+2. *Capture* its state to CPU memory (no communication: the old groups may be broken), then leave the
+   old generation (destroy healthy groups, abandon broken ones without blocking).
+3. *Members* of the new generation form its world group and megatron groups and build model, DDP,
+   optimizer and scheduler for the new layout; warm spares do not.
+4. Every live process *posts* what it holds (and members what they need) to the store; all compute the
+   same nearest-copy plan (:mod:`megatron_unicron.transition.transfer_plan`).
+5. The *exchange* runs over a private gloo channel of all live processes (spares serve too), every
+   piece checksummed; members load the result, and the trainer-level state (data position, LR schedule,
+   RNG of the same (TP, PP) position when the TP/PP degrees are unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_unicron.events import Decision
+from megatron_unicron.megatron import state as mstate
+from megatron_unicron.megatron.guard import RngState, restore_scheduler
+from megatron_unicron.transition import exchange
+from megatron_unicron.transition.transfer_plan import Holding, Need, SourceKind, Tier, plan_transfer
+
+if TYPE_CHECKING:
+    from megatron_unicron.megatron.guard import StepGuard
+    from megatron_unicron.megatron.train import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransitionReport:
+    """Timings (seconds) and volumes of one transition on one process."""
+
+    generation: int
+    layout: str
+    member: bool
+    resume_iteration: int
+    seconds: dict[str, float]
+    bytes_moved: int  # received by this process from other processes
+    bytes_needed: int  # what this process needed and did not hold itself (the minimum to move)
+    bytes_by_tier: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Post:
+    """What one process tells the others before planning (metadata and small state only)."""
+
+    committed: int
+    node: str
+    holdings: list[mstate.ShardMeta]
+    needs: list[mstate.ShardMeta]
+    coords: tuple[int, int, int, int] | None  # (tp_size, pp_size, tp_rank, pp_rank) of the captured state
+    objects: dict[tuple[str, tuple[int, ...]], Any] | None = None
+    common: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None
+    rng: RngState | None = None
+
+
+class _Posts:
+    """Pickled posts of one transition step on the store, one key per process."""
+
+    def __init__(self, store: dist.Store, prefix: str, timeout: timedelta) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.timeout = timeout
+
+    def put(self, step: str, rank: int, value: Any) -> None:
+        self.store.set(f"{self.prefix}/{step}/{rank}", pickle.dumps(value))  # type: ignore[arg-type]
+
+    def gather(self, step: str, ranks: list[int]) -> dict[int, Any]:
+        keys = [f"{self.prefix}/{step}/{r}" for r in ranks]
+        self.store.wait(keys, self.timeout)
+        return {r: pickle.loads(self.store.get(k)) for r, k in zip(ranks, keys)}
+
+
+def _align(trainer: Trainer, guard: StepGuard, target: int, in_flight: bool) -> None:
+    """Bring this process's state to the end of iteration ``target`` (committed count).
+
+    ``in_flight``: an iteration was interrupted (its RNG draws are undone); a planned transition
+    happens between iterations and has nothing to undo.
+    """
+    progress = trainer.progress
+    gen = trainer.generation
+    if progress.iteration == target + 1 and gen is not None and guard.can_undo_step(target):
+        guard.undo_step(gen.bundle, progress)
+    elif progress.iteration == target:
+        if in_flight:
+            guard.rewind_in_flight()
+    else:
+        raise RuntimeError(
+            f"cannot align: this process committed {progress.iteration} iterations, the job resumes "
+            f"after {target} and no step copy bridges the gap"
+        )
+
+
+def _clip(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+    return mstate.clip_to(box, shape)
+
+
+def run_transition(
+    trainer: Trainer,
+    guard: StepGuard,
+    decision: Decision,
+    *,
+    launch_rank: int,
+    node: str,
+    broken: bool,
+    timeout: timedelta,
+) -> TransitionReport:
+    """Take this process into ``decision.generation``; see the module docstring."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+
+    live = list(decision.live)
+    me = live.index(launch_rank)
+    posts = _Posts(trainer.store, f"/unicron/{trainer.env.job}/transition/gen{decision.generation}", timeout)
+    has_state = trainer.generation is not None
+    posts.put("committed", me, trainer.progress.iteration if has_state else -1)
+    committed = posts.gather("committed", list(range(len(live))))
+    target = min(c for c in committed.values() if c >= 0)
+    if has_state:
+        _align(trainer, guard, target, in_flight=broken)
+    lap("agree")
+
+    captured = None
+    coords = None
+    own: dict[str, Any] = {}
+    if trainer.generation is not None:
+        gen = trainer.generation
+        c = gen.coords
+        coords = (c.tp_size, c.pp_size, c.tp_rank, c.pp_rank)
+        captured = mstate.capture(gen.bundle, trainer.args)
+        own = dict(
+            scheduler=gen.bundle.scheduler.state_dict(),
+            progress=vars(trainer.progress).copy(),
+            rng=RngState.capture() if not broken else guard.iteration_start,
+        )
+    lap("capture")
+    trainer.leave_generation(broken=broken)
+    lap("leave")
+
+    new_rank = decision.new_rank(launch_rank)
+    targets = None
+    if new_rank is not None:
+        layout = decision.layout
+        trainer.start_generation(decision.generation, new_rank, len(decision.members), layout.tp, layout.pp)
+        assert trainer.generation is not None
+        targets = mstate.prepare_targets(trainer.generation.bundle, trainer.args)
+    lap("rebuild")
+
+    post = _Post(
+        committed=target,
+        node=node,
+        holdings=captured.metas if captured else [],
+        needs=targets.metas if targets else [],
+        coords=coords,
+        objects=captured.objects if captured else None,
+        common=captured.common if captured else None,
+        **own,
+    )
+    posts.put("state", me, post)
+    everyone: dict[int, _Post] = posts.gather("state", list(range(len(live))))
+    rank_node = {r: p.node for r, p in everyone.items()}
+    holdings: list[Holding] = []
+    shape_of: dict[str, tuple[int, ...]] = {}
+    for r, p in everyone.items():
+        for i, meta in enumerate(p.holdings):
+            holdings.append(Holding(r, i, meta.key, meta.box, SourceKind.LIVE, p.node))
+            shape_of.setdefault(meta.key, meta.global_shape)
+    needs: list[Need] = []
+    target_views: list[Any] = []
+    for r, p in everyone.items():
+        for j, meta in enumerate(p.needs):
+            box = _clip(meta.box, shape_of.get(meta.key, meta.global_shape))
+            if box is not None:
+                needs.append(Need(r, j, meta.key, box))
+                if r == me and targets is not None:
+                    local = tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, meta.box))
+                    target_views.append((j, targets.tensors[j][local]))
+    plan = plan_transfer(holdings, needs, rank_node)
+    lap("plan")
+
+    channel: Any = None
+    if plan.pairs():
+        channel = dist.ProcessGroupGloo(
+            dist.PrefixStore(f"{posts.prefix}/channel", trainer.store), me, len(live), timeout
+        )
+    views = [torch.empty(0)] * (len(targets.tensors) if targets else 0)  # placeholders for clipped-out needs
+    for j, view in target_views:
+        views[j] = view
+    stats = exchange.execute(
+        plan, me, captured.tensors if captured else [], views, channel=channel, timeout=timeout
+    )
+    del channel
+    lap("transfer")
+
+    if targets is not None and trainer.generation is not None:
+        objects: dict[tuple[str, tuple[int, ...]], Any] = {}
+        for p in everyone.values():  # small values (e.g. layers' _extra_state): any holder will do
+            for key, value in (p.objects or {}).items():
+                objects.setdefault(key, value)
+        donor = post if captured is not None else next(p for p in everyone.values() if p.common is not None)
+        assert donor.common is not None
+        mstate.load_targets(trainer.generation.bundle, targets, objects, donor.common)
+        state_donor = post if post.scheduler is not None else donor
+        assert state_donor.scheduler is not None and state_donor.progress is not None
+        restore_scheduler(trainer.generation.bundle.scheduler, state_donor.scheduler)
+        for name, value in state_donor.progress.items():
+            setattr(trainer.progress, name, value)
+        new = trainer.generation.coords
+        same_position = [
+            p.rng for p in everyone.values()
+            if p.coords == (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank) and p.rng is not None
+        ]  # fmt: skip
+        own_first = [post.rng] if post.coords == (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank) else []
+        for rng in own_first + same_position:
+            if rng is not None:
+                rng.restore()
+                break
+    lap("load")
+
+    needed = sum(
+        p.numel * (targets.tensors[p.dst_index].element_size() if targets else 0)
+        for p in plan.pieces
+        if p.dst_rank == me and not p.is_local
+    )
+    by_tier: dict[str, int] = {}
+    for tier, elements in plan.elements_by_tier().items():
+        by_tier[Tier(tier).name.lower()] = elements
+    return TransitionReport(
+        generation=decision.generation,
+        layout=str(decision.layout),
+        member=new_rank is not None,
+        resume_iteration=target,
+        seconds=seconds,
+        bytes_moved=stats.received_bytes,
+        bytes_needed=needed,
+        bytes_by_tier=by_tier,
+    )
