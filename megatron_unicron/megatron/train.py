@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from megatron_unicron.events import Phase
 from megatron_unicron.megatron import data, groups
 from megatron_unicron.megatron.groups import ParallelCoords
 from megatron_unicron.megatron.guard import StepGuard
 from megatron_unicron.megatron.model import ModelBundle, build_model_bundle
+from megatron_unicron.megatron.phases import PhaseTracker
 from megatron_unicron.megatron.progress import IterationStats, TrainingReporter, validation_lines
 
 if TYPE_CHECKING:
@@ -103,7 +105,8 @@ class Trainer:
     def __init__(self, args: MegatronArgs, forward_step_func: ForwardStepFunc, env: WorkerEnv) -> None:
         assert args.global_batch_size is not None, "resolve_world() must fill the global batch size"
         self.args = args
-        self.forward_step_func = forward_step_func
+        self.phases = PhaseTracker()
+        self.forward_step_func = self.phases.wrap_forward_step(forward_step_func)
         self.env = env
         self.timeout = timedelta(minutes=args.distributed_timeout_minutes)
         self.store = connect_store(env, self.timeout)
@@ -136,6 +139,10 @@ class Trainer:
         groups.seed_everything(self.args.seed, coords)
         self.padded_vocab_size = self.vocab_size_for(tp)
         bundle = build_model_bundle(self.args, coords, self.padded_vocab_size)
+        bundle.config.finalize_model_grads_func = self.phases.wrap(
+            Phase.ALLREDUCE, bundle.config.finalize_model_grads_func
+        )
+        self.phases.install_p2p_mark()
         self.generation = Generation(number=number, coords=coords, bundle=bundle)
         if self.datasets is None:
             self.datasets = self._build_datasets()
@@ -226,6 +233,7 @@ class Trainer:
         """One iteration: forward/backward over the global batch, optimizer step, LR schedule."""
         assert self.datasets is not None and self.args.global_batch_size is not None
         started = time.perf_counter()
+        self.phases.iteration = self.progress.iteration + 1
         self.guard.begin_iteration()
         bundle = self._current().bundle
         batches = self._microbatches(self.datasets.train, self.progress.consumed_train_samples)
@@ -236,7 +244,8 @@ class Trainer:
         loss = self._reduce_loss(losses)
         self.guard.before_step(bundle, self.progress)
         # The commit point: after the step returns nothing else communicates in this iteration.
-        update_successful, grad_norm, _ = bundle.optimizer.step()
+        with self.phases.inside(Phase.OPTIMIZER):
+            update_successful, grad_norm, _ = bundle.optimizer.step()
         if update_successful:
             bundle.scheduler.step(increment=self.args.global_batch_size)
         self.progress.iteration += 1
@@ -315,7 +324,8 @@ class Trainer:
         from megatron_unicron.megatron import checkpoint
 
         assert self.args.save is not None
-        elapsed = checkpoint.save(self.args.save, self, self.args)
+        with self.phases.inside(Phase.SAVE):
+            elapsed = checkpoint.save(self.args.save, self, self.args)
         if self.reporter is not None:
             self.reporter.print_lines(
                 [f"  successfully saved checkpoint from iteration {self.progress.iteration:7d} to "
