@@ -37,11 +37,15 @@ class Key:
 
 def _expand(value: Any, key: str, path: str) -> Any:
     if isinstance(value, str):
+
         def env(match: re.Match[str]) -> str:
             if match.group(1) not in os.environ:
-                raise ConfigError(f"{key}: {value} ({path}): environment variable {match.group(1)} is not "
-                                  "set; export it or write the value")
+                raise ConfigError(
+                    f"{key}: {value} ({path}): environment variable {match.group(1)} is not "
+                    "set; export it or write the value"
+                )
             return os.environ[match.group(1)]
+
         return _ENV.sub(env, value)
     if isinstance(value, dict):
         return {k: _expand(v, f"{key}.{k}", path) for k, v in value.items()}
@@ -57,8 +61,9 @@ def read_yaml(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as stream:
             doc = yaml.safe_load(stream)
     except FileNotFoundError:
-        raise ConfigError(f"{where}: file not found; give the path of a YAML job config "
-                          "(examples: examples/gpt/configs/)") from None
+        raise ConfigError(
+            f"{where}: file not found; give the path of a YAML job config (examples: examples/gpt/configs/)"
+        ) from None
     except IsADirectoryError:
         raise ConfigError(f"{where}: is a directory; give the path of a YAML file") from None
     except yaml.YAMLError as err:
@@ -75,8 +80,10 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def _unknown(key: str, path: str, choices: list[str]) -> ConfigError:
     name = key.rsplit(".", 1)[-1]
-    return ConfigError(f"unknown key {key!r} in {path}{configtree.did_you_mean(name, choices)}; remove it "
-                       "or correct the spelling (megatron_unicron rejects settings it does not support)")
+    return ConfigError(
+        f"unknown key {key!r} in {path}{configtree.did_you_mean(name, choices)}; remove it "
+        "or correct the spelling (megatron_unicron rejects settings it does not support)"
+    )
 
 
 def load_job(path: str, schema: Mapping[str, Key]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
@@ -108,21 +115,25 @@ def load_job(path: str, schema: Mapping[str, Key]) -> tuple[dict[str, Any], dict
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise ConfigError(f"{key} in {path}: expected a mapping of keys, got "
-                                  f"{configtree.show(value)}")
+                raise ConfigError(
+                    f"{key} in {path}: expected a mapping of keys, got {configtree.show(value)}"
+                )
             allowed = [n for n, k in schema.items() if k.section == key]
             for sub, sub_value in value.items():
                 full = f"{key}.{sub}"
                 if key == "language_model" and sub == "activation_func":
                     if sub_value not in ("swiglu", "gelu"):
-                        raise ConfigError(f"{full}: {configtree.show(sub_value)} ({short}): not supported; "
-                                          "use swiglu or gelu")
+                        raise ConfigError(
+                            f"{full}: {configtree.show(sub_value)} ({short}): not supported; "
+                            "use swiglu or gelu"
+                        )
                     put("swiglu", sub_value == "swiglu", full)
                 elif sub in allowed:
                     put(sub, sub_value, full)
                 elif sub in schema:
-                    raise ConfigError(f"{full} in {path}: {sub} is not a {key} setting; move it to the top "
-                                      "level")
+                    raise ConfigError(
+                        f"{full} in {path}: {sub} is not a {key} setting; move it to the top level"
+                    )
                 else:
                     raise _unknown(full, path, allowed)
         elif key in schema:

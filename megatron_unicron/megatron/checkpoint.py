@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_unicron.errors import ConfigError
-from megatron_unicron.megatron import optimizer_fixes
+from megatron_unicron.megatron import cpu, optimizer_fixes
 from megatron_unicron.megatron.args import megatron_namespace
 
 if TYPE_CHECKING:
@@ -58,6 +58,15 @@ def read_tracker(root: str) -> int | None:
         return int(text)
     except ValueError:
         raise ConfigError(f"{path} holds {text!r}, not an iteration number: fix or remove it") from None
+
+
+def _import_dist_checkpointing() -> None:
+    """Import megatron's checkpoint strategies, then patch them for CPU (they are imported lazily)."""
+    import megatron.core.dist_checkpointing.strategies.filesystem_async  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.state_dict_saver  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+
+    cpu.apply()
 
 
 def sharded_metadata(args: MegatronArgs) -> dict[str, Any]:
@@ -162,6 +171,7 @@ def save(root: str, trainer: Trainer, args: MegatronArgs) -> float:
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     started = time.perf_counter()
+    _import_dist_checkpointing()
     optimizer_fixes.apply()
     gen = trainer.generation
     assert gen is not None
@@ -209,6 +219,7 @@ def load(root: str, trainer: Trainer, args: MegatronArgs) -> bool:
             f"--load {root}: {directory} is not a torch_dist checkpoint "
             "(convert a legacy checkpoint with unicron-convert --ckpt-format torch_dist)"
         )
+    _import_dist_checkpointing()
     optimizer_fixes.apply()
     gen = trainer.generation
     assert gen is not None

@@ -11,14 +11,18 @@ forwards everything to torch except:
   ``Stream``/``Event``/``stream()``/``current_stream()`` are inert stand-ins; ``manual_seed`` and
   ``get_rng_state``/``set_rng_state`` use the CPU generator.
 
-Plus four attribute patches:
+Plus five attribute patches:
 
 * ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``: every
   ``get_cuda_rng_tracker().fork()`` swaps the CPU generator's state instead of a CUDA generator's;
 * ``torch.Tensor.cuda``: a no-op (tied embeddings with PP > 1 call ``weight.data.cuda()``);
 * ``torch.Tensor.type``: answers ``torch.cuda.*Tensor`` for CPU tensors, but only to callers in
   ``megatron.core.optimizer`` (the type-string checks of the optimizer, distributed optimizer and
-  gradient clipping); every other caller sees the true type.
+  gradient clipping); every other caller sees the true type;
+* ``dist_checkpointing.strategies.filesystem_async._get_write_results_queue``: a synchronous torch_dist
+  save collects its writers' results in a queue that megatron gets from a *spawned* ``Manager`` process,
+  which re-imports the training script and costs 6-8 s at the first save. Synchronous saves collect
+  them in this process, so a local queue does (the writers themselves are still forked).
 
 The patch is applied only when CUDA is unavailable; with CUDA nothing is patched. ``apply()`` may be
 called again after more megatron modules were imported (a lazily imported module is patched then).
@@ -30,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import queue
 import sys
 import types
 from collections.abc import Callable
@@ -55,6 +60,11 @@ SITES: tuple[PatchSite, ...] = (
     ),
     PatchSite("torch:Tensor", "cuda", "language_module.py moves tied embeddings with weight.data.cuda()"),
     PatchSite("torch:Tensor", "type", "optimizer type-string checks demand torch.cuda.*Tensor"),
+    PatchSite(
+        "megatron.core.dist_checkpointing.strategies.filesystem_async",
+        "_get_write_results_queue",
+        "a spawned Manager re-imports the training script at the first save",
+    ),
 )
 
 # Modules measured to reach a CUDA-only call on the CPU path; each must still exist and use `torch`.
@@ -70,6 +80,7 @@ PROXIED_MODULES: tuple[str, ...] = (
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.models.common.language_module.language_module",
     "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
 )
 
 _FACTORIES = (
@@ -240,6 +251,10 @@ def _tensor_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = Fal
     return answer
 
 
+def _local_results_queue() -> queue.Queue[object]:
+    return queue.Queue()
+
+
 def needed() -> bool:
     """Whether the patch is needed: CUDA is unavailable."""
     return not torch.cuda.is_available()
@@ -269,6 +284,9 @@ def apply() -> int:
     _PATCHES.replace(tp_random, "_set_cuda_rng_state", _cpu_set_rng_state)
     _PATCHES.replace(torch.Tensor, "cuda", _tensor_cuda)
     _PATCHES.replace(torch.Tensor, "type", _tensor_type)
+    writers = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if writers is not None:
+        _PATCHES.replace(writers, "_get_write_results_queue", _local_results_queue)
     if first:
         logger.info(
             "CPU patch applied to megatron-core %s (CUDA unavailable): %d modules proxied, %d attributes",

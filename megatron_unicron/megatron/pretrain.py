@@ -62,6 +62,7 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
         trainer.train()
         trainer.end_generation()
     except UnicronError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        if env.rank == 0:
+            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return 2
     return 0

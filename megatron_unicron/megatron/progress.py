@@ -41,7 +41,7 @@ def megatron_log_line(
     elapsed_ms_per_iteration: float,
     lr: float,
     global_batch_size: int,
-    lm_loss: float,
+    lm_loss: float | None,
     loss_scale: float,
     grad_norm: float | None,
     skipped_iterations: int,
@@ -54,7 +54,8 @@ def megatron_log_line(
     line += f" elapsed time per iteration (ms): {elapsed_ms_per_iteration:.1f} |"
     line += f" learning rate: {lr:.6E} |"
     line += f" global batch size: {global_batch_size:5d} |"
-    line += f" lm loss: {lm_loss:.6E} |"
+    if lm_loss is not None:  # Megatron averages over the iterations that advanced (not skipped)
+        line += f" lm loss: {lm_loss:.6E} |"
     line += f" loss scale: {loss_scale:.1f} |"
     if grad_norm is not None:
         line += f" grad norm: {grad_norm:.3f} |"
@@ -117,7 +118,7 @@ class TrainingReporter:
     def _print_interval(self) -> None:
         done = [s for s in self._interval if not s.skipped and not math.isnan(s.lm_loss)]
         last = self._interval[-1]
-        mean_loss = sum(s.lm_loss for s in done) / len(done) if done else float("nan")
+        mean_loss = sum(s.lm_loss for s in done) / len(done) if done else None
         line = megatron_log_line(
             iteration=last.iteration,
             train_iters=self.train_iters,
