@@ -1,17 +1,11 @@
 """The node agent: starts this node's workers torchrun-style, supervises them, reacts to their exits.
 
-One agent runs per node (inside ``unicron-run``). It registers its node in the job's store, keeps a
-lease alive, meets the other nodes' agents at the start of every launch attempt, starts
+One agent runs per node (inside ``unicron-run``). It meets the other nodes' agents through the store
+(``node_group.NodeGroup``: registration, lease, the start of every launch attempt), starts
 ``nproc_per_node`` workers with torchrun's environment, and sees each exit the moment it happens. What
 an exit means is a pluggable ``ExitPolicy``: ``FailFastPolicy`` is torchrun (any failure ends the group
 on every node, which may then be restarted up to ``max_restarts`` times); ``KeepSurvivorsPolicy`` is the
 ``--unicron`` mode's placeholder (the survivors keep running, the death is recorded in the store).
-
-Attempt protocol (keys in ``store.AttemptKeys``): every agent sets ``ready/<node>``; node 0 waits for
-all of them, clears the workers' rendezvous keys and sets ``go``; the others wait for ``go``. A failing
-agent publishes its root cause under ``failure`` (first writer wins) and every agent polls that key.
-An agent whose workers all succeeded sets ``done/<node>`` and waits for the others. An agent leaving
-the job sets ``nodes/<node>/left``; node 0, which hosts the store, leaves last.
 """
 
 from __future__ import annotations
@@ -23,35 +17,20 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 
-from megatron_unicron.store import (
-    AttemptKeys,
-    JobKeys,
-    Store,
-    StoreError,
-    append_record,
-    clear_worker_keys,
-    lease_age,
-    renew_lease,
-)
+from megatron_unicron.node_group import AgentError, NodeGroup
+from megatron_unicron.store import JobKeys, Store, StoreError, append_record
 from megatron_unicron.workers import WorkerExit, WorkerProcess, stop_workers
 
 log = logging.getLogger(__name__)
 
 MODES = ("torchrun", "unicron")
-
-
-class AgentError(RuntimeError):
-    """The agent cannot go on (a peer node is missing or inconsistent); the message says why."""
 
 
 class _Stopped(Exception):
@@ -234,7 +213,11 @@ _WAKE = object()
 
 
 class NodeAgent:
-    """Runs one node's workers for a job; ``run()`` returns when the job ends for this node."""
+    """Runs one node's workers for a job; ``run()`` returns when the job ends for this node.
+
+    Policies run on the agent's thread and may call ``report_fault`` and ``restart_worker``; ``stop``
+    may be called from anywhere (a signal handler, another thread).
+    """
 
     def __init__(self, config: AgentConfig, store: Store, policy: ExitPolicy | None = None) -> None:
         self.config = config
@@ -244,6 +227,11 @@ class NodeAgent:
         self.generation = 0
         """The job's current generation (advanced by reconfigurations, not by restarts)."""
         self.attempt = 0
+        self.group = NodeGroup(
+            store, self.keys, node_rank=config.node_rank, nnodes=config.nnodes,
+            join_timeout_s=config.join_timeout_s, lease_interval_s=config.lease_interval_s,
+            lease_timeout_s=config.lease_timeout_s, poll_interval_s=config.poll_interval_s, idle=self._idle,
+        )
         self._workers: dict[int, WorkerProcess] = {}
         self._events: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stop_signum: int | None = None
@@ -251,7 +239,6 @@ class NodeAgent:
         self._owner: threading.Thread | None = None
         self._error_dir = ""
         self._spawns = 0
-        self._lease_stop = threading.Event()
 
     # ------------------------------------------------------------------ API for policies and callers
 
@@ -264,7 +251,7 @@ class NodeAgent:
         """Ask ``run()`` to stop the workers and return; safe from any thread and from signal handlers."""
         self._stop_signum = signum
         self._stop_requested = True
-        self._events.put(_WAKE)
+        self._events.put(_WAKE)  # SimpleQueue.put is reentrant: safe in a signal handler
 
     def restart_worker(self, local_rank: int, extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
         """Start a new process for an exited worker, with the same rank (for process-level restarts)."""
@@ -273,7 +260,8 @@ class NodeAgent:
             raise ValueError(f"no worker with local rank {local_rank} on {self.config.node}")
         if old.alive():
             raise RuntimeError(f"rank {old.rank} (pid {old.pid}) is still running; stop it first")
-        return self._spawn(local_rank, self.attempt, extra_env or {})
+        log.info("restarting rank %d", old.rank)
+        return self._spawn(local_rank, extra_env or {})
 
     def report_fault(self, worker_exit: WorkerExit) -> None:
         """Append a fault report for ``worker_exit`` to the current generation's fault list in the store."""
@@ -285,46 +273,41 @@ class NodeAgent:
 
     def run(self) -> AgentResult:
         """Register, then start, supervise and (on failure) restart the workers until the job ends."""
+        cfg = self.config
         self._owner = threading.current_thread()
-        self._error_dir = tempfile.mkdtemp(prefix=f"unicron_{self.config.job}_{self.config.node}_")
-        lease = threading.Thread(target=self._renew_lease, name="unicron-lease", daemon=True)
+        self._error_dir = tempfile.mkdtemp(prefix=f"unicron_{cfg.job}_{cfg.node}_")
         result: AgentResult | None = None
         try:
-            self._register()
-            lease.start()
+            self.group.register({"nnodes": cfg.nnodes, "nproc_per_node": cfg.nproc_per_node,
+                                 "max_restarts": cfg.max_restarts, "mode": cfg.mode})
             while result is None:
                 result = self._run_attempt()
         except _Stopped:
             how = f"by {signal.Signals(self._stop_signum).name}" if self._stop_signum else "on request"
             result = AgentResult(outcome=Outcome.STOPPED, attempts=self.attempt + 1,
-                                 signum=self._stop_signum, message=f"{self.config.node} was stopped {how}")
-            self._abort(result.message)
+                                 signum=self._stop_signum, message=f"{cfg.node} was stopped {how}")
+            self.group.abort(result.message)
         except (AgentError, StoreError) as e:
             result = AgentResult(outcome=Outcome.ERROR, attempts=self.attempt + 1, message=str(e))
-            self._abort(f"{self.config.node}: {e}")
+            self.group.abort(f"{cfg.node}: {e}")
         finally:
-            stop_workers(list(self._workers.values()), self.config.shutdown_timeout_s)
-        self._leave(result)
+            stop_workers(list(self._workers.values()), cfg.shutdown_timeout_s)
+            shutil.rmtree(self._error_dir, ignore_errors=True)
+        self.group.leave(result.outcome.value, cfg.shutdown_timeout_s)
         log.debug("left the job: %s", result.outcome.value)
-        self._lease_stop.set()
-        if lease.is_alive():
-            lease.join()
-        shutil.rmtree(self._error_dir, ignore_errors=True)
         return result
 
     def _run_attempt(self) -> AgentResult | None:
         """One launch attempt; None means: restart the group."""
-        keys = self.keys.attempt(self.attempt)
-        self._rendezvous(keys)
+        self.group.open_attempt(self.attempt)
         log.info("starting %d worker(s), attempt %d", self.config.nproc_per_node, self.attempt)
         for local_rank in range(self.config.nproc_per_node):
-            self._spawn(local_rank, self.attempt, {})
-        outcome, root = self._supervise(keys)
+            self._spawn(local_rank, {})
+        outcome, root = self._supervise()
         stop_workers(list(self._workers.values()), self.config.shutdown_timeout_s)
         log.debug("attempt %d ended here: %s", self.attempt, outcome.value)
         if outcome is Outcome.SUCCEEDED and self.config.nnodes > 1:
-            self.store.set(keys.done(self.config.node), "1")
-            root = self._wait_for_peers(keys, keys.done, "finish")
+            root = self.group.finish_attempt(self.attempt)
             outcome = Outcome.FAILED if root is not None else Outcome.SUCCEEDED
         if outcome is Outcome.SUCCEEDED:
             return AgentResult(outcome=outcome, attempts=self.attempt + 1)
@@ -337,7 +320,7 @@ class NodeAgent:
             return None
         return AgentResult(outcome=Outcome.FAILED, attempts=self.attempt + 1, failures=failures)
 
-    def _supervise(self, keys: AttemptKeys) -> tuple[Outcome, WorkerExit | None]:
+    def _supervise(self) -> tuple[Outcome, WorkerExit | None]:
         """Until the attempt ends here: react to local exits, watch the store for the group's failure."""
         seen: set[int] = set()  # id() of the workers whose exit was handled
         next_poll = 0.0
@@ -346,7 +329,7 @@ class NodeAgent:
             if isinstance(item, _Exited) and self._workers.get(item.worker.local_rank) is item.worker:
                 seen.add(id(item.worker))
                 if self.policy.on_worker_exit(self, item.exit) is Reaction.FAIL_GROUP:
-                    return Outcome.FAILED, self._publish_failure(keys, item.exit)
+                    return Outcome.FAILED, self.group.publish_failure(self.attempt, item.exit)
             if all(id(w) in seen for w in self._workers.values()):
                 # Judged on the current workers: a failed worker the policy restarted does not count.
                 failed = sorted((w.exit for w in self._workers.values() if w.exit and w.exit.failed),
@@ -354,10 +337,9 @@ class NodeAgent:
                 return (Outcome.FAILED, failed[0]) if failed else (Outcome.SUCCEEDED, None)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self.config.poll_interval_s
-                self._check_abort()
-                raw = self.store.try_get(keys.failure)
-                if raw:
-                    return Outcome.FAILED, WorkerExit.from_json(raw)
+                root = self.group.failure(self.attempt)
+                if root is not None:
+                    return Outcome.FAILED, root
 
     def _next_event(self, timeout: float) -> object:
         if self._stop_requested:
@@ -370,22 +352,26 @@ class NodeAgent:
             raise _Stopped
         return item
 
+    def _idle(self, seconds: float) -> None:
+        """Wait between polls of the store; exits seen meanwhile belong to stopped workers."""
+        self._next_event(seconds)
+
     def _on_worker_exit(self, worker: WorkerProcess, worker_exit: WorkerExit) -> None:
         self._events.put(_Exited(worker, worker_exit))  # called on the worker's waiter thread
 
-    def _spawn(self, local_rank: int, attempt: int, extra_env: Mapping[str, str]) -> WorkerProcess:
+    def _spawn(self, local_rank: int, extra_env: Mapping[str, str]) -> WorkerProcess:
         if threading.current_thread() is not self._owner:
             raise RuntimeError("workers must be started on the agent's thread (their parent-death signal "
                                "is bound to the thread that forks them)")
         self._spawns += 1
-        error_dir = os.path.join(self._error_dir, f"attempt_{attempt}", f"{local_rank}.{self._spawns}")
+        error_dir = os.path.join(self._error_dir, f"attempt_{self.attempt}", f"{local_rank}.{self._spawns}")
         os.makedirs(error_dir, exist_ok=True)
         error_file = os.path.join(error_dir, "error.json")
-        env = self.config.worker_env(local_rank, attempt, error_file)
+        env = self.config.worker_env(local_rank, self.attempt, error_file)
         env.update(extra_env)
         worker = WorkerProcess(
             argv=self.config.argv, env=env, rank=int(env["RANK"]), local_rank=local_rank,
-            node=self.config.node, attempt=attempt, error_file=error_file, on_exit=self._on_worker_exit,
+            node=self.config.node, attempt=self.attempt, error_file=error_file, on_exit=self._on_worker_exit,
         )
         self._workers[local_rank] = worker
         log.debug("started rank %d as pid %d", worker.rank, worker.pid)
@@ -393,148 +379,14 @@ class NodeAgent:
 
     def _failures(self, root: WorkerExit | None) -> tuple[WorkerExit, ...]:
         """The attempt's own failures (exits the agent did not cause), root cause first."""
-        own = [
-            w.exit for w in self._workers.values()
-            if w.exit is not None and w.exit.failed and not w.stopped_by_agent
-        ]
-        own.sort(key=lambda e: e.time)
-        if root is not None:
-            own = [root] + [e for e in own if (e.node, e.rank, e.pid) != (root.node, root.rank, root.pid)]
-        return tuple(own)
-
-    def _publish_failure(self, keys: AttemptKeys, worker_exit: WorkerExit) -> WorkerExit:
-        held = self.store.compare_set(keys.failure, "", worker_exit.to_json())
-        return WorkerExit.from_json(held)
-
-    # -------------------------------------------------------------------------- talking to the peers
-
-    def _register(self) -> None:
-        cfg = self.config
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        held = self.store.compare_set(self.keys.node_owner(cfg.node), "", token).decode()
-        if held != token:
-            raise AgentError(f"{cfg.node} of job {cfg.job!r} is already registered (by {held}); "
-                             "give every launcher its own --node-rank")
-        renew_lease(self.store, self.keys.lease(cfg.node))
-        spec = {"nnodes": cfg.nnodes, "nproc_per_node": cfg.nproc_per_node,
-                "max_restarts": cfg.max_restarts, "mode": cfg.mode}
-        if cfg.node_rank == 0:
-            self.store.set(self.keys.spec, json.dumps(spec, sort_keys=True))
-            return
-        self._poll(lambda: self.store.check([self.keys.spec]), cfg.join_timeout_s, "node0 to register")
-        theirs = json.loads(self.store.get(self.keys.spec, timedelta(seconds=10)))
-        diff = [f"{k}={spec[k]} (node0 has {theirs.get(k)})" for k in spec if theirs.get(k) != spec[k]]
-        if diff:
-            raise AgentError(f"{cfg.node} is launched differently from node0: {', '.join(diff)}")
-
-    def _rendezvous(self, keys: AttemptKeys) -> None:
-        cfg = self.config
-        self.store.set(keys.ready(cfg.node), "1")
-        if cfg.node_rank != 0:
-            self._poll(lambda: self.store.check([keys.go]), cfg.join_timeout_s,
-                       f"node0 to open attempt {self.attempt}")
-            return
-        nodes = [f"node{k}" for k in range(cfg.nnodes)]
-
-        def all_ready() -> bool:
-            self._check_peers_alive(nodes, keys.ready)
-            return self.store.check([keys.ready(n) for n in nodes])
-
-        def missing() -> str:
-            return ", ".join(n for n in nodes if not self.store.check([keys.ready(n)]))
-
-        self._poll(all_ready, cfg.join_timeout_s, f"{cfg.nnodes} nodes to join attempt {self.attempt}",
-                   missing)
-        cleared = clear_worker_keys(self.store)
-        log.debug("cleared %d worker key(s) before attempt %d", cleared, self.attempt)
-        self.store.set(keys.go, "1")
-
-    def _wait_for_peers(
-        self, keys: AttemptKeys, key_of: Callable[[str], str], what: str
-    ) -> WorkerExit | None:
-        """Wait until every node set ``key_of(node)``; return the group's failure if one is published."""
-        nodes = [f"node{k}" for k in range(self.config.nnodes)]
-        failure: list[WorkerExit] = []
-
-        def settled() -> bool:
-            raw = self.store.try_get(keys.failure)
-            if raw:
-                failure.append(WorkerExit.from_json(raw))
-                return True
-            self._check_peers_alive(nodes, key_of)
-            return self.store.check([key_of(n) for n in nodes])
-
-        self._poll(settled, self.config.join_timeout_s, f"every node to {what} attempt {self.attempt}")
-        return failure[0] if failure else None
-
-    def _check_peers_alive(self, nodes: list[str], key_of: Callable[[str], str]) -> None:
-        """Raise if a node we still wait for has left the job or let its lease expire."""
-        for node in nodes:
-            if node == self.config.node or self.store.check([key_of(node)]):
-                continue
-            left = self.store.try_get(self.keys.left(node))
-            if left is not None:
-                raise AgentError(f"{node} left the job: {left.decode()}")
-            age = lease_age(self.store, self.keys.lease(node))
-            if age is not None and age > self.config.lease_timeout_s:
-                raise AgentError(f"{node} is gone (its lease expired {age:.1f}s ago)")
-
-    def _poll(self, ready: Callable[[], bool], timeout_s: float, what: str,
-              missing: Callable[[], str] | None = None) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._check_abort()
-            if ready():
-                return
-            if time.monotonic() >= deadline:
-                detail = f" (missing: {missing()})" if missing is not None else ""
-                raise AgentError(f"timed out after {timeout_s:g}s waiting for {what}{detail}")
-            self._next_event(self.config.poll_interval_s)
-
-    def _check_abort(self) -> None:
-        reason = self.store.try_get(self.keys.abort)
-        if reason is not None:
-            raise AgentError(f"the job was aborted ({reason.decode()})")
-
-    def _abort(self, reason: str) -> None:
-        """Tell every node to stop (first reason wins)."""
-        try:
-            self.store.compare_set(self.keys.abort, "", reason)
-        except StoreError as e:
-            log.debug("could not publish the abort: %s", e)
-
-    def _leave(self, result: AgentResult) -> None:
-        """Tell the peers this node is out; node 0 (the store's host) waits for the others to leave first."""
-        cfg = self.config
-        try:
-            self.store.set(self.keys.left(cfg.node), result.outcome.value)
-            if cfg.node_rank != 0 or cfg.nnodes == 1:
-                return
-            nodes = [f"node{k}" for k in range(1, cfg.nnodes)]
-            deadline = time.monotonic() + cfg.shutdown_timeout_s + 2 * cfg.lease_timeout_s
-            while time.monotonic() < deadline:
-                waiting = [n for n in nodes if not self.store.check([self.keys.left(n)])]
-                waiting = [n for n in waiting
-                           if (lease_age(self.store, self.keys.lease(n)) or 0.0) <= cfg.lease_timeout_s]
-                if not waiting:
-                    return
-                time.sleep(cfg.poll_interval_s)
-            log.warning("leaving while %s may still use the store", ", ".join(waiting))
-        except StoreError as e:
-            log.debug("could not announce leaving: %s", e)
-
-    def _renew_lease(self) -> None:
-        try:
-            store = self.store.clone()
-        except StoreError:
-            return
-        try:
-            while not self._lease_stop.wait(self.config.lease_interval_s):
-                renew_lease(store, self.keys.lease(self.config.node))
-        except StoreError as e:
-            log.debug("lease renewal stopped: %s", e)
-        finally:
-            store.close()
+        own = sorted(
+            (w.exit for w in self._workers.values() if w.exit and w.exit.failed and not w.stopped_by_agent),
+            key=lambda e: e.time,
+        )
+        if root is None:
+            return tuple(own)
+        same = (root.node, root.rank, root.pid)
+        return (root, *(e for e in own if (e.node, e.rank, e.pid) != same))
 
 
 def default_policy(mode: str) -> ExitPolicy:

@@ -44,7 +44,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: torchrun's static-launch flags, ``--unicron``, then the script and its args."""
-    p = _Parser(prog=PROG, allow_abbrev=False, description=__doc__.splitlines()[0])
+    p = _Parser(
+        prog=PROG, allow_abbrev=False,
+        usage=f"{PROG} [launcher flags] script.py [script args]",
+        description="Start and supervise the workers of one node of a job, with torchrun's flags and "
+                    "worker environment; node rank 0's launcher hosts the job's store.",
+        epilog="Exit status: 0 on success; the root-cause worker's exit code (128 + signal if it was "
+               "killed); 128 + signal if the launcher was stopped by one; 1 for a launcher error; 2 for "
+               "bad input.",
+    )
     p.add_argument("--nnodes", default="1", help="number of nodes (launchers) in the job (default 1)")
     p.add_argument("--nproc-per-node", "--nproc_per_node", default="1", help="workers per node (default 1)")
     p.add_argument("--node-rank", "--node_rank", type=int, default=0, help="this node's rank (default 0)")
@@ -69,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="execute the script directly instead of with this Python")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="launcher log level (default INFO)")
-    p.add_argument("training_script", help="the worker script (or module with -m, program with --no-python)")
+    p.add_argument("training_script", nargs="?",
+                   help="the worker script (or module with -m, program with --no-python)")
     p.add_argument("training_script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
 
@@ -94,6 +103,8 @@ def _nnodes(parser: argparse.ArgumentParser, text: str) -> int:
 def worker_argv(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, ...]:
     """The worker command line, checked so that a typo fails here rather than in every worker."""
     script, rest = args.training_script, list(args.training_script_args)
+    if not script:
+        parser.error(f"no training script given: {PROG} [launcher flags] script.py [script args]")
     if args.module and args.no_python:
         parser.error("--module and --no-python cannot be combined")
     if args.no_python:
@@ -138,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 def _run(
     args: argparse.Namespace, *, cmd: tuple[str, ...], nnodes: int, nproc: int, port: int, job: str
 ) -> int:
+    env = dict(os.environ)  # the workers' base environment, before this process changes its own
+    # The launcher's own C++ warnings (a peer's store connection dropping) are noise; workers keep theirs.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # torch is imported here, after argument checking, so bad input fails fast.
     from megatron_unicron.agent import (
         SIGNALS_TO_FORWARD,
@@ -163,7 +177,6 @@ def _run(
     except KeyboardInterrupt:
         return fail("interrupted while connecting to the store", 128 + signal.SIGINT)
 
-    env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env and nproc > 1:  # as torchrun: one thread per worker unless told
         env["OMP_NUM_THREADS"] = "1"
     env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", ",".join(s.name for s in SIGNALS_TO_FORWARD))

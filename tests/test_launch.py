@@ -18,7 +18,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megatron_unicron.testing.harness import REPO_ROOT, JobRunner, assert_no_leaks, free_port, launcher_argv
+from megatron_unicron.testing.harness import (
+    REPO_ROOT,
+    JobRunner,
+    JobTimeout,
+    assert_no_leaks,
+    free_port,
+    launcher_argv,
+    marked_processes,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -218,3 +226,31 @@ def test_bad_input_is_one_clear_line(args: list[str]) -> None:
     assert proc.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("unicron-run: error: "), proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_module_and_no_python_modes(jobs: JobRunner) -> None:
+    result = jobs.run(["-m", "tests.workers.allreduce"], nproc_per_node=2)
+    assert result.returncode == 0 and "rank 1/2 on node0: sum 1 ok" in result.stdout, result.output
+    result = jobs.run(["--no-python", "sh", "-c", 'echo "shell rank $RANK of $WORLD_SIZE"'], nproc_per_node=2)
+    assert result.returncode == 0, result.output
+    assert {"shell rank 0 of 2", "shell rank 1 of 2"} <= set(result.stdout.splitlines())
+
+
+def test_harness_kills_an_overrunning_job_and_shows_its_output(jobs: JobRunner) -> None:
+    job = jobs.start(["--no-python", "sh", "-c", "echo still working; exec sleep 60"], nproc_per_node=2,
+                     timeout_s=8)
+    job.wait_for_output("still working", count=2)
+    with pytest.raises(JobTimeout, match="(?s)did not end within 8s.*still working"):
+        job.wait()
+    assert marked_processes(job.marker) == []
+
+
+def test_leak_check_catches_leaks(jobs: JobRunner) -> None:
+    result = jobs.run([jobs.worker("leaky.py")], nproc_per_node=1)
+    assert result.returncode == 0, result.output
+    with pytest.raises(AssertionError) as caught:
+        assert_no_leaks(result)
+    message = str(caught.value)
+    assert "rank 0: 1 process group(s) left" in message
+    assert "non-daemon thread(s) left: leaky-thread" in message
+    assert "fds at start" in message
