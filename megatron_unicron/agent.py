@@ -265,8 +265,9 @@ class NodeAgent:
 
     def report_fault(self, worker_exit: WorkerExit) -> None:
         """Append a fault report for ``worker_exit`` to the current generation's fault list in the store."""
-        record = {"kind": "process_exit", "job": self.config.job, "t_detected": time.time()}
-        record.update(json.loads(worker_exit.to_json()))
+        record = json.loads(worker_exit.to_json())
+        record.update(kind="process_exit", job=self.config.job, generation=self.generation,
+                      t_fault=worker_exit.time, t_detected=time.time())
         append_record(self.store, self.keys.gen(self.generation).faults, record)
 
     # -------------------------------------------------------------------------------------- main loop
@@ -328,6 +329,8 @@ class NodeAgent:
             item = self._next_event(self.config.poll_interval_s)
             if isinstance(item, _Exited) and self._workers.get(item.worker.local_rank) is item.worker:
                 seen.add(id(item.worker))
+                if item.worker.stopped_by_agent:
+                    continue
                 if self.policy.on_worker_exit(self, item.exit) is Reaction.FAIL_GROUP:
                     return Outcome.FAILED, self.group.publish_failure(self.attempt, item.exit)
             if all(id(w) in seen for w in self._workers.values()):
@@ -369,10 +372,14 @@ class NodeAgent:
         error_file = os.path.join(error_dir, "error.json")
         env = self.config.worker_env(local_rank, self.attempt, error_file)
         env.update(extra_env)
-        worker = WorkerProcess(
-            argv=self.config.argv, env=env, rank=int(env["RANK"]), local_rank=local_rank,
-            node=self.config.node, attempt=self.attempt, error_file=error_file, on_exit=self._on_worker_exit,
-        )
+        try:
+            worker = WorkerProcess(
+                argv=self.config.argv, env=env, rank=int(env["RANK"]), local_rank=local_rank,
+                node=self.config.node, attempt=self.attempt, error_file=error_file,
+                on_exit=self._on_worker_exit,
+            )
+        except OSError as e:
+            raise AgentError(f"cannot start {self.config.argv[0]!r}: {e}") from None
         self._workers[local_rank] = worker
         log.debug("started rank %d as pid %d", worker.rank, worker.pid)
         return worker

@@ -254,3 +254,15 @@ def test_leak_check_catches_leaks(jobs: JobRunner) -> None:
     assert "rank 0: 1 process group(s) left" in message
     assert "non-daemon thread(s) left: leaky-thread" in message
     assert "fds at start" in message
+
+
+def test_lost_store_host_ends_the_other_nodes(jobs: JobRunner) -> None:
+    job = jobs.start([jobs.worker("sleep.py")], nproc_per_node=1, nnodes=2)
+    job.wait_for_output("ready rank 0", node_rank=0)
+    job.wait_for_output("ready rank 1", node_rank=1)
+    job.kill_node(0)  # node0's launcher hosts the store
+    result = job.wait()
+    assert result.nodes[0].returncode == -signal.SIGKILL
+    assert result.nodes[1].returncode == 1, result.output
+    assert "lost the store" in result.nodes[1].stderr
+    assert result.survivors == ()

@@ -2,6 +2,7 @@
 
 from megatron_unicron.testing.harness import (
     JobResult,
+    JobRunner,
     JobTimeout,
     RunningJob,
     assert_no_leaks,
@@ -12,6 +13,7 @@ from megatron_unicron.testing.leaks import ResourceSnapshot, resource_snapshot, 
 
 __all__ = [
     "JobResult",
+    "JobRunner",
     "JobTimeout",
     "ResourceSnapshot",
     "RunningJob",
