@@ -13,6 +13,6 @@ x = torch.tensor([float(dist.get_rank())])
 dist.all_reduce(x)
 n = dist.get_world_size()
 assert x.item() == n * (n - 1) / 2, x
-print(f"rank {dist.get_rank()}/{n} on {os.environ['UNICRON_NODE']}: sum {x.item():g} ok", flush=True)
+print(f"rank {dist.get_rank()}/{n} on {os.environ.get('UNICRON_NODE', '-')}: sum {x.item():g} ok", flush=True)
 dist.destroy_process_group()
 write_report_if_requested("end")
