@@ -1,0 +1,404 @@
+"""The node agent: starts this node's workers torchrun-style, supervises them, reacts to their exits.
+
+One agent runs per node (inside ``unicron-run``). It meets the other nodes' agents through the store
+(``node_group.NodeGroup``: registration, lease, the start of every launch attempt), starts
+``nproc_per_node`` workers with torchrun's environment, and sees each exit the moment it happens. What
+an exit means is a pluggable ``ExitPolicy``: ``FailFastPolicy`` is torchrun (any failure ends the group
+on every node, which may then be restarted up to ``max_restarts`` times); ``KeepSurvivorsPolicy`` is the
+``--unicron`` mode's placeholder (the survivors keep running, the death is recorded in the store).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from megatron_unicron.node_group import AgentError, NodeGroup
+from megatron_unicron.store import JobKeys, Store, StoreError, append_record
+from megatron_unicron.workers import WorkerExit, WorkerProcess, stop_workers
+
+log = logging.getLogger(__name__)
+
+MODES = ("torchrun", "unicron")
+
+
+class _Stopped(Exception):
+    """Raised inside the agent's loops when ``stop()`` was requested."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """Everything one node's agent needs to run its share of a job."""
+
+    job: str
+    node_rank: int
+    nnodes: int
+    nproc_per_node: int
+    argv: tuple[str, ...]
+    """The worker command line (interpreter included)."""
+    master_addr: str
+    master_port: int
+    """Port of the job's store (the workers' ``MASTER_PORT``)."""
+    max_restarts: int = 0
+    mode: str = "torchrun"
+    shutdown_timeout_s: float = 30.0
+    """Grace between SIGTERM and SIGKILL when stopping workers."""
+    join_timeout_s: float = 600.0
+    """How long to wait for the other nodes at registration and at each attempt's start."""
+    lease_interval_s: float = 1.0
+    lease_timeout_s: float = 5.0
+    """A peer whose lease is older than this is treated as gone while waiting for it."""
+    poll_interval_s: float = 0.1
+    """How often the store is polled for other nodes' news (local exits are seen at once)."""
+    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ValueError(f"nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node rank must be in [0, {self.nnodes - 1}], got {self.node_rank}")
+        if self.nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.argv:
+            raise ValueError("the worker command line is empty")
+        for name in ("shutdown_timeout_s", "join_timeout_s", "lease_interval_s", "poll_interval_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def node(self) -> str:
+        """This node's id, ``node<rank>``."""
+        return f"node{self.node_rank}"
+
+    @property
+    def world_size(self) -> int:
+        """Number of workers in the job."""
+        return self.nnodes * self.nproc_per_node
+
+    def worker_env(self, local_rank: int, attempt: int, error_file: str) -> dict[str, str]:
+        """The environment of one worker: torchrun's variables plus the project's ``UNICRON_*``."""
+        rank = self.node_rank * self.nproc_per_node + local_rank
+        env = dict(self.base_env)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(local_rank),
+            GROUP_RANK=str(self.node_rank),
+            ROLE_RANK=str(rank),
+            ROLE_NAME="default",
+            LOCAL_WORLD_SIZE=str(self.nproc_per_node),
+            WORLD_SIZE=str(self.world_size),
+            GROUP_WORLD_SIZE=str(self.nnodes),
+            ROLE_WORLD_SIZE=str(self.world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+            TORCHELASTIC_RESTART_COUNT=str(attempt),
+            TORCHELASTIC_MAX_RESTARTS=str(self.max_restarts),
+            TORCHELASTIC_RUN_ID=self.job,
+            # env:// then connects to the agent's store as a client instead of hosting one in rank 0.
+            TORCHELASTIC_USE_AGENT_STORE="True",
+            TORCHELASTIC_ERROR_FILE=error_file,
+            TORCH_NCCL_ASYNC_ERROR_HANDLING=self.base_env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+            UNICRON_JOB=self.job,
+            UNICRON_NODE=self.node,
+        )
+        if self.mode == "unicron":
+            env["UNICRON_MODE"] = "unicron"
+        else:
+            env.pop("UNICRON_MODE", None)
+        return env
+
+
+class Reaction(enum.Enum):
+    """What the agent does after a worker exit."""
+
+    CONTINUE = "continue"
+    """Keep the other workers running."""
+    FAIL_GROUP = "fail_group"
+    """End the worker group on every node (and restart it if restarts remain)."""
+
+
+class ExitPolicy(ABC):
+    """Decides what a worker's exit means; called on the agent's thread for every exit it did not cause."""
+
+    @abstractmethod
+    def on_worker_exit(self, agent: NodeAgent, worker_exit: WorkerExit) -> Reaction:
+        """React to ``worker_exit`` (it may call ``agent.report_fault`` or ``agent.restart_worker``)."""
+
+
+class FailFastPolicy(ExitPolicy):
+    """torchrun's behaviour: any failed worker ends the whole group."""
+
+    def on_worker_exit(self, agent: NodeAgent, worker_exit: WorkerExit) -> Reaction:
+        """``FAIL_GROUP`` on a failure, else ``CONTINUE``."""
+        return Reaction.FAIL_GROUP if worker_exit.failed else Reaction.CONTINUE
+
+
+class KeepSurvivorsPolicy(ExitPolicy):
+    """``--unicron`` placeholder: log a death, record it as a fault report, keep the survivors running."""
+
+    def on_worker_exit(self, agent: NodeAgent, worker_exit: WorkerExit) -> Reaction:
+        """Report failures to the store; never end the group."""
+        if worker_exit.failed:
+            log.warning("%s; survivors keep running", worker_exit.describe())
+            agent.report_fault(worker_exit)
+        return Reaction.CONTINUE
+
+
+class Outcome(enum.Enum):
+    """How an agent's run ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentResult:
+    """The end of an agent's run, with the launcher's exit status."""
+
+    outcome: Outcome
+    attempts: int
+    """Launch attempts started (1 + restarts)."""
+    failures: tuple[WorkerExit, ...] = ()
+    """Workers that failed on their own in the last attempt, root cause (first observed) first."""
+    signum: int | None = None
+    message: str = ""
+
+    @property
+    def returncode(self) -> int:
+        """0; the root cause's exit code (128 + signal if killed); 128 + signal if stopped by one; else 1."""
+        if self.outcome is Outcome.SUCCEEDED:
+            return 0
+        if self.outcome is Outcome.FAILED and self.failures:
+            return self.failures[0].shell_code
+        if self.outcome is Outcome.STOPPED and self.signum:
+            return 128 + self.signum
+        return 1
+
+    def summary(self, job: str) -> list[str]:
+        """The exit summary: one line for the outcome, then one line per failed rank, root cause first."""
+        rc = self.returncode
+        if self.outcome is Outcome.SUCCEEDED:
+            restarts = self.attempts - 1
+            return [f"job {job} succeeded after {restarts} restart(s)"] if restarts else []
+        if self.outcome is Outcome.FAILED and self.failures:
+            lines = [f"job {job} failed with exit status {rc}; failed rank(s), root cause first:"]
+            return lines + [f"  {f.describe()}" for f in self.failures]
+        return [f"job {job} ended: {self.message or self.outcome.value} (exit status {rc})"]
+
+
+@dataclass(frozen=True)
+class _Exited:
+    worker: WorkerProcess
+    exit: WorkerExit
+
+
+_WAKE = object()
+
+
+class NodeAgent:
+    """Runs one node's workers for a job; ``run()`` returns when the job ends for this node.
+
+    Policies run on the agent's thread and may call ``report_fault`` and ``restart_worker``; ``stop``
+    may be called from anywhere (a signal handler, another thread).
+    """
+
+    def __init__(self, config: AgentConfig, store: Store, policy: ExitPolicy | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.policy = policy if policy is not None else FailFastPolicy()
+        self.keys = JobKeys(config.job)
+        self.generation = 0
+        """The job's current generation (advanced by reconfigurations, not by restarts)."""
+        self.attempt = 0
+        self.group = NodeGroup(
+            store, self.keys, node_rank=config.node_rank, nnodes=config.nnodes,
+            join_timeout_s=config.join_timeout_s, lease_interval_s=config.lease_interval_s,
+            lease_timeout_s=config.lease_timeout_s, poll_interval_s=config.poll_interval_s, idle=self._idle,
+        )
+        self._workers: dict[int, WorkerProcess] = {}
+        self._events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._stop_signum: int | None = None
+        self._stop_requested = False
+        self._owner: threading.Thread | None = None
+        self._error_dir = ""
+        self._spawns = 0
+
+    # ------------------------------------------------------------------ API for policies and callers
+
+    @property
+    def workers(self) -> Mapping[int, WorkerProcess]:
+        """This node's current workers by local rank."""
+        return dict(self._workers)
+
+    def stop(self, signum: int | None = None) -> None:
+        """Ask ``run()`` to stop the workers and return; safe from any thread and from signal handlers."""
+        self._stop_signum = signum
+        self._stop_requested = True
+        self._events.put(_WAKE)  # SimpleQueue.put is reentrant: safe in a signal handler
+
+    def restart_worker(self, local_rank: int, extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
+        """Start a new process for an exited worker, with the same rank (for process-level restarts)."""
+        old = self._workers.get(local_rank)
+        if old is None:
+            raise ValueError(f"no worker with local rank {local_rank} on {self.config.node}")
+        if old.alive():
+            raise RuntimeError(f"rank {old.rank} (pid {old.pid}) is still running; stop it first")
+        log.info("restarting rank %d", old.rank)
+        return self._spawn(local_rank, extra_env or {})
+
+    def report_fault(self, worker_exit: WorkerExit) -> None:
+        """Append a fault report for ``worker_exit`` to the current generation's fault list in the store."""
+        record = json.loads(worker_exit.to_json())
+        record.update(kind="process_exit", job=self.config.job, generation=self.generation,
+                      t_fault=worker_exit.time, t_detected=time.time())
+        append_record(self.store, self.keys.gen(self.generation).faults, record)
+
+    # -------------------------------------------------------------------------------------- main loop
+
+    def run(self) -> AgentResult:
+        """Register, then start, supervise and (on failure) restart the workers until the job ends."""
+        cfg = self.config
+        self._owner = threading.current_thread()
+        self._error_dir = tempfile.mkdtemp(prefix=f"unicron_{cfg.job}_{cfg.node}_")
+        result: AgentResult | None = None
+        try:
+            self.group.register({"nnodes": cfg.nnodes, "nproc_per_node": cfg.nproc_per_node,
+                                 "max_restarts": cfg.max_restarts, "mode": cfg.mode})
+            while result is None:
+                result = self._run_attempt()
+        except _Stopped:
+            how = f"by {signal.Signals(self._stop_signum).name}" if self._stop_signum else "on request"
+            result = AgentResult(outcome=Outcome.STOPPED, attempts=self.attempt + 1,
+                                 signum=self._stop_signum, message=f"{cfg.node} was stopped {how}")
+            self.group.abort(result.message)
+        except (AgentError, StoreError) as e:
+            result = AgentResult(outcome=Outcome.ERROR, attempts=self.attempt + 1, message=str(e))
+            self.group.abort(f"{cfg.node}: {e}")
+        finally:
+            stop_workers(list(self._workers.values()), cfg.shutdown_timeout_s)
+            shutil.rmtree(self._error_dir, ignore_errors=True)
+        self.group.leave(result.outcome.value, cfg.shutdown_timeout_s)
+        log.debug("left the job: %s", result.outcome.value)
+        return result
+
+    def _run_attempt(self) -> AgentResult | None:
+        """One launch attempt; None means: restart the group."""
+        self.group.open_attempt(self.attempt)
+        log.info("starting %d worker(s), attempt %d", self.config.nproc_per_node, self.attempt)
+        for local_rank in range(self.config.nproc_per_node):
+            self._spawn(local_rank, {})
+        outcome, root = self._supervise()
+        stop_workers(list(self._workers.values()), self.config.shutdown_timeout_s)
+        log.debug("attempt %d ended here: %s", self.attempt, outcome.value)
+        if outcome is Outcome.SUCCEEDED and self.config.nnodes > 1:
+            root = self.group.finish_attempt(self.attempt)
+            outcome = Outcome.FAILED if root is not None else Outcome.SUCCEEDED
+        if outcome is Outcome.SUCCEEDED:
+            return AgentResult(outcome=outcome, attempts=self.attempt + 1)
+        failures = self._failures(root)
+        if self.attempt < self.config.max_restarts and self.config.mode == "torchrun":
+            cause = failures[0].describe() if failures else "failure"
+            self.attempt += 1
+            log.warning("worker group failed (%s); restarting, attempt %d of %d", cause, self.attempt,
+                        self.config.max_restarts)
+            return None
+        return AgentResult(outcome=Outcome.FAILED, attempts=self.attempt + 1, failures=failures)
+
+    def _supervise(self) -> tuple[Outcome, WorkerExit | None]:
+        """Until the attempt ends here: react to local exits, watch the store for the group's failure."""
+        seen: set[int] = set()  # id() of the workers whose exit was handled
+        next_poll = 0.0
+        while True:
+            item = self._next_event(self.config.poll_interval_s)
+            if isinstance(item, _Exited) and self._workers.get(item.worker.local_rank) is item.worker:
+                seen.add(id(item.worker))
+                if item.worker.stopped_by_agent:
+                    continue
+                if self.policy.on_worker_exit(self, item.exit) is Reaction.FAIL_GROUP:
+                    return Outcome.FAILED, self.group.publish_failure(self.attempt, item.exit)
+            if all(id(w) in seen for w in self._workers.values()):
+                # Judged on the current workers: a failed worker the policy restarted does not count.
+                failed = sorted((w.exit for w in self._workers.values() if w.exit and w.exit.failed),
+                                key=lambda e: e.time)
+                return (Outcome.FAILED, failed[0]) if failed else (Outcome.SUCCEEDED, None)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self.config.poll_interval_s
+                root = self.group.failure(self.attempt)
+                if root is not None:
+                    return Outcome.FAILED, root
+
+    def _next_event(self, timeout: float) -> object:
+        if self._stop_requested:
+            raise _Stopped
+        try:
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if self._stop_requested:
+            raise _Stopped
+        return item
+
+    def _idle(self, seconds: float) -> None:
+        """Wait between polls of the store; exits seen meanwhile belong to stopped workers."""
+        self._next_event(seconds)
+
+    def _on_worker_exit(self, worker: WorkerProcess, worker_exit: WorkerExit) -> None:
+        self._events.put(_Exited(worker, worker_exit))  # called on the worker's waiter thread
+
+    def _spawn(self, local_rank: int, extra_env: Mapping[str, str]) -> WorkerProcess:
+        if threading.current_thread() is not self._owner:
+            raise RuntimeError("workers must be started on the agent's thread (their parent-death signal "
+                               "is bound to the thread that forks them)")
+        self._spawns += 1
+        error_dir = os.path.join(self._error_dir, f"attempt_{self.attempt}", f"{local_rank}.{self._spawns}")
+        os.makedirs(error_dir, exist_ok=True)
+        error_file = os.path.join(error_dir, "error.json")
+        env = self.config.worker_env(local_rank, self.attempt, error_file)
+        env.update(extra_env)
+        try:
+            worker = WorkerProcess(
+                argv=self.config.argv, env=env, rank=int(env["RANK"]), local_rank=local_rank,
+                node=self.config.node, attempt=self.attempt, error_file=error_file,
+                on_exit=self._on_worker_exit,
+            )
+        except OSError as e:
+            raise AgentError(f"cannot start {self.config.argv[0]!r}: {e}") from None
+        self._workers[local_rank] = worker
+        log.debug("started rank %d as pid %d", worker.rank, worker.pid)
+        return worker
+
+    def _failures(self, root: WorkerExit | None) -> tuple[WorkerExit, ...]:
+        """The attempt's own failures (exits the agent did not cause), root cause first."""
+        own = sorted(
+            (w.exit for w in self._workers.values() if w.exit and w.exit.failed and not w.stopped_by_agent),
+            key=lambda e: e.time,
+        )
+        if root is None:
+            return tuple(own)
+        same = (root.node, root.rank, root.pid)
+        return (root, *(e for e in own if (e.node, e.rank, e.pid) != same))
+
+
+def default_policy(mode: str) -> ExitPolicy:
+    """The exit policy of a launcher mode."""
+    return KeepSurvivorsPolicy() if mode == "unicron" else FailFastPolicy()
+
+
+SIGNALS_TO_FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
