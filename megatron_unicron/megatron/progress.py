@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import IO
@@ -76,7 +77,8 @@ def validation_lines(iteration: int, lm_loss: float, label: str = "validation") 
 class TrainingReporter:
     """Accumulates iterations and prints Megatron's log line every ``log_interval`` iterations.
 
-    Only the rank that reports (Megatron's last rank) creates one with ``enabled=True``.
+    Only the rank that reports (Megatron's last rank, which can change with the layout) prints and
+    writes the metrics log: ``is_reporting()`` says whether this process is that rank now.
     """
 
     def __init__(
@@ -84,27 +86,38 @@ class TrainingReporter:
         *,
         train_iters: int,
         log_interval: int,
-        enabled: bool,
         metrics_path: str | None,
+        is_reporting: Callable[[], bool],
         out: IO[str] | None = None,
         progress_stream: IO[str] | None = None,
     ) -> None:
         self.train_iters = train_iters
         self.log_interval = max(1, log_interval)
-        self.enabled = enabled
+        self.is_reporting = is_reporting
         self.out = out or sys.stdout
-        self._metrics = open(metrics_path, "a", encoding="utf-8") if (enabled and metrics_path) else None
+        self._metrics_path = metrics_path
+        self._metrics: IO[str] | None = None
         stream = progress_stream if progress_stream is not None else sys.stderr
-        self._progress = stream if (enabled and stream.isatty()) else None
+        self._progress_stream = stream if stream.isatty() else None
+        self._progress: IO[str] | None = None
         self._interval: list[IterationStats] = []
         self._skipped = 0
         self._nan = 0
         self._start = time.monotonic()
 
+    @property
+    def enabled(self) -> bool:
+        """Whether this process reports (it may stop or start doing so after a change of layout)."""
+        return self.is_reporting()
+
     def record(self, stats: IterationStats) -> None:
         """Account one finished iteration; print at log-interval boundaries."""
         if not self.enabled:
+            self._interval.clear()
             return
+        if self._metrics is None and self._metrics_path:
+            self._metrics = open(self._metrics_path, "a", encoding="utf-8")
+        self._progress = self._progress_stream
         if self._metrics is not None:
             self._metrics.write(json.dumps(asdict(stats)) + "\n")
             self._metrics.flush()

@@ -8,13 +8,14 @@ data-parallel degree, so a run's loss curve does not depend on its layout beyond
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from megatron_unicron.megatron.guard import StepGuard
 from megatron_unicron.megatron.model import ModelBundle, build_model_bundle
 from megatron_unicron.megatron.phases import PhaseTracker
 from megatron_unicron.megatron.progress import IterationStats, TrainingReporter, validation_lines
+from megatron_unicron.store import TCPStoreBackend, connect_store
 
 if TYPE_CHECKING:
     from megatron_unicron.megatron.args import MegatronArgs
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ForwardStepFunc = Callable[[Iterator[dict[str, Any]] | None, Any], tuple[torch.Tensor, Callable[..., Any]]]
+T = TypeVar("T")
+Attempt = Callable[[Callable[[], T]], T]
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,6 @@ class Generation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def connect_store(env: WorkerEnv, timeout: timedelta) -> dist.TCPStore:
-    """A client of the launcher-hosted store (workers never host it)."""
-    return dist.TCPStore(env.master_addr, env.master_port, None, False, timeout)
-
-
 def gpt_flops_per_iteration(args: MegatronArgs, padded_vocab_size: int) -> float:
     """Model FLOPs of one iteration (forward + backward), Megatron's dense-GPT formula."""
     assert args.global_batch_size is not None
@@ -109,7 +108,7 @@ class Trainer:
         self.forward_step_func = self.phases.wrap_forward_step(forward_step_func)
         self.env = env
         self.timeout = timedelta(minutes=args.distributed_timeout_minutes)
-        self.store = connect_store(env, self.timeout)
+        self.store: TCPStoreBackend = connect_store(env.master_addr, env.master_port, self.timeout)
         self.progress = TrainingProgress()
         self.tokenizer = data.build_tokenizer(
             args.tokenizer_type,
@@ -134,7 +133,7 @@ class Trainer:
 
     def start_generation(self, number: int, rank: int, world_size: int, tp: int, pp: int) -> Generation:
         """Create the world and megatron groups, then the model, optimizer and scheduler for (TP, PP)."""
-        groups.init_world(self.store, self.store_prefix(number), rank, world_size, self.timeout)
+        groups.init_world(self.store.c10d_store, self.store_prefix(number), rank, world_size, self.timeout)
         coords = groups.init_model_parallel(tp, pp, self.timeout)
         groups.seed_everything(self.args.seed, coords)
         self.padded_vocab_size = self.vocab_size_for(tp)
@@ -286,30 +285,39 @@ class Trainer:
         """Megatron-LM prints from the last rank (a last-stage rank holding the loss)."""
         return dist.get_rank() == dist.get_world_size() - 1
 
-    def train(self, on_iteration: Callable[[IterationStats], None] | None = None) -> None:
-        """Run iterations until ``--train-iters`` (or ``--exit-interval``), evaluating and saving."""
+    def train(
+        self,
+        on_iteration: Callable[[IterationStats], None] | None = None,
+        attempt: Attempt[Any] | None = None,
+    ) -> None:
+        """Run iterations until ``--train-iters`` (or ``--exit-interval``), evaluating and saving.
+
+        ``attempt(step)`` runs each step (an iteration, an evaluation, a save) and returns its result:
+        by default it just calls it; the self-healing loop recovers from a failure inside and retries.
+        """
         args = self.args
+        run: Attempt[Any] = attempt if attempt is not None else (lambda step: step())
         self.reporter = TrainingReporter(
             train_iters=args.train_iters,
             log_interval=args.log_interval,
-            enabled=self.is_reporting_rank(),
             metrics_path=args.unicron.metrics_log,
+            is_reporting=self.is_reporting_rank,
         )
         try:
             while self.progress.iteration < args.train_iters:
-                stats = self.train_step()
+                stats = run(self.train_step)
                 self.reporter.record(stats)
                 if on_iteration is not None:
                     on_iteration(stats)
                 it = self.progress.iteration
                 if args.eval_interval and it % args.eval_interval == 0:
-                    self._report_validation(it)
+                    run(functools.partial(self._report_validation, it))
                 if args.save and args.save_interval and it % args.save_interval == 0:
-                    self.save_checkpoint()
+                    run(self.save_checkpoint)
                 if args.exit_interval and it % args.exit_interval == 0:
                     break
             if args.save and not (args.save_interval and self.progress.iteration % args.save_interval == 0):
-                self.save_checkpoint()
+                run(self.save_checkpoint)
         finally:
             self.reporter.close()
 

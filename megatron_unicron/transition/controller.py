@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron_unicron.events import Decision
 from megatron_unicron.megatron import state as mstate
 from megatron_unicron.megatron.guard import RngState, restore_scheduler
+from megatron_unicron.store import Store
 from megatron_unicron.transition import exchange
 from megatron_unicron.transition.transfer_plan import Holding, Need, SourceKind, Tier, plan_transfer
 
@@ -74,18 +75,18 @@ class _Post:
 class _Posts:
     """Pickled posts of one transition step on the store, one key per process."""
 
-    def __init__(self, store: dist.Store, prefix: str, timeout: timedelta) -> None:
+    def __init__(self, store: Store, prefix: str, timeout: timedelta) -> None:
         self.store = store
         self.prefix = prefix
         self.timeout = timeout
 
     def put(self, step: str, rank: int, value: Any) -> None:
-        self.store.set(f"{self.prefix}/{step}/{rank}", pickle.dumps(value))  # type: ignore[arg-type]
+        self.store.set(f"{self.prefix}/{step}/{rank}", pickle.dumps(value))
 
     def gather(self, step: str, ranks: list[int]) -> dict[int, Any]:
         keys = [f"{self.prefix}/{step}/{r}" for r in ranks]
         self.store.wait(keys, self.timeout)
-        return {r: pickle.loads(self.store.get(k)) for r, k in zip(ranks, keys)}
+        return {r: pickle.loads(self.store.get(k, self.timeout)) for r, k in zip(ranks, keys)}
 
 
 def _align(trainer: Trainer, guard: StepGuard, target: int, in_flight: bool) -> None:
@@ -204,7 +205,7 @@ def run_transition(
     channel: Any = None
     if plan.pairs():
         channel = dist.ProcessGroupGloo(
-            dist.PrefixStore(f"{posts.prefix}/channel", trainer.store), me, len(live), timeout
+            dist.PrefixStore(f"{posts.prefix}/channel", trainer.store.c10d_store), me, len(live), timeout
         )
     views = [torch.empty(0)] * (len(targets.tensors) if targets else 0)  # placeholders for clipped-out needs
     for j, view in target_views:
