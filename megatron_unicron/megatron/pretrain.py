@@ -2,7 +2,10 @@
 
 ``pretrain(forward_step_func)`` parses Megatron-LM flags (and ``--yaml-cfg``), checks them against the
 world size the launcher gives, applies the CPU patch when CUDA is unavailable, builds generation 0 of the
-job, resumes from ``--load`` and trains. Bad input ends the process with one line and exit code 2.
+job, resumes from ``--load`` and trains. With ``--unicron`` every step runs under the self-healing loop
+(``megatron_unicron.healing``); a process the agent restarted after a failure joins the generation the
+coordinator decided instead of starting a new job. Bad input ends the process with one line and exit
+code 2; a job the coordinator stopped ends with exit code 3 and the reason.
 """
 
 from __future__ import annotations
@@ -12,11 +15,21 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from megatron_unicron.errors import UnicronError
 from megatron_unicron.megatron.train import ForwardStepFunc, Trainer, WorkerEnv
+from megatron_unicron.testing import leaks
+
+if TYPE_CHECKING:
+    from megatron_unicron.healing import Healer
+    from megatron_unicron.megatron.args import MegatronArgs
+    from megatron_unicron.protocol import JobChannel
 
 logger = logging.getLogger("megatron_unicron")
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
 
 
 def configure_logging(rank: int) -> None:
@@ -35,6 +48,55 @@ def configure_logging(rank: int) -> None:
     logging.getLogger("megatron.core.datasets.gpt_dataset").setLevel(logging.ERROR)
 
 
+def job_config(args: MegatronArgs, env: WorkerEnv) -> dict[str, object]:
+    """What the coordinator needs to know about the job (posted once by launch rank 0)."""
+    incident_log = args.unicron.incident_log or os.path.join(
+        args.save or os.getcwd(), "unicron_incidents.jsonl"
+    )
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)))
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    return {
+        "incident_log": os.path.abspath(incident_log),
+        "save": os.path.abspath(args.save) if args.save else None,
+        "detection": args.unicron.detection.__dict__,
+        "world_size": env.world_size,
+        "layout": {"tp": tp, "pp": pp, "dp": env.world_size // (tp * pp)},
+        "train_iters": args.train_iters,
+        "rank_node": {str(r): f"node{r // local}" for r in range(env.world_size)},
+    }
+
+
+def _injector(args: MegatronArgs, env: WorkerEnv, trainer: Trainer, channel: JobChannel | None) -> object:
+    from megatron_unicron.megatron import groups
+    from megatron_unicron.testing.injector import FaultInjector, schedule_from
+
+    schedule = schedule_from(args.unicron.inject)
+    if not schedule:
+        return None
+    injector = FaultInjector(
+        schedule,
+        env.rank,
+        mark_fired=(lambda spec, record: channel.claim_fault(spec.index, record)) if channel else None,
+        close_connections=groups.destroy_world,
+    )
+    trainer.phases.listeners.append(injector)
+    return injector
+
+
+def _start(trainer: Trainer, healer: Healer | None, env: WorkerEnv, args: MegatronArgs) -> None:
+    restarted_into = os.environ.get("UNICRON_GENERATION") if os.environ.get("UNICRON_RESTARTED") else None
+    if healer is not None and restarted_into is not None:
+        # A process the agent restarted: join the generation that restarted it, state from the others.
+        trainer.ensure_datasets()
+        healer.generation = int(restarted_into) - 1
+        healer.wait_as_spare()
+        return
+    trainer.start_generation(
+        0, env.rank, env.world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    )
+    trainer.load_checkpoint()
+
+
 def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = None) -> int:
     """Train a GPT model as Megatron-LM's pretrain_gpt.py does; returns the process exit code."""
     from megatron_unicron.megatron.args import parse_args, resolve_world
@@ -46,23 +108,46 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
     except UnicronError as error:
         if env.rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_BAD_INPUT
     configure_logging(env.rank)
+    leaks.write_report_if_requested("start")
     import megatron.core  # noqa: F401  (imported before patching, so every module gets patched)
 
+    from megatron_unicron.healing import Healer, JobStopped, TrainingDone
     from megatron_unicron.megatron import cpu
+    from megatron_unicron.protocol import JobChannel
+    from megatron_unicron.store import JobKeys
 
     cpu.apply()
+    healer = None
     try:
         trainer = Trainer(args, forward_step_func, env)
-        trainer.start_generation(
-            0, env.rank, env.world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-        )
-        trainer.load_checkpoint()
-        trainer.train()
+        channel = JobChannel(trainer.store, JobKeys(env.job)) if args.unicron.enabled else None
+        injector = _injector(args, env, trainer, channel)
+        if channel is not None:
+            healer = Healer(
+                trainer, channel, launch_rank=env.rank, node=os.environ.get("UNICRON_NODE", "node0"),
+                generation=0, injector=injector,  # type: ignore[arg-type]
+            )  # fmt: skip
+            if env.rank == 0 and not os.environ.get("UNICRON_RESTARTED"):
+                channel.post_config(job_config(args, env))
+        _start(trainer, healer, env, args)
+        trainer.train(attempt=healer.attempt if healer is not None else None)
+        if channel is not None:
+            channel.mark_done()
         trainer.end_generation()
+    except TrainingDone:
+        trainer.end_generation()
+    except JobStopped as stop:
+        if env.rank == 0:
+            print(f"{prog}: {stop}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     except UnicronError as error:
         if env.rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_BAD_INPUT
+    finally:
+        if healer is not None:
+            healer.close()
+    leaks.write_report_if_requested("end")
     return 0

@@ -143,8 +143,7 @@ class Trainer:
         )
         self.phases.install_p2p_mark()
         self.generation = Generation(number=number, coords=coords, bundle=bundle)
-        if self.datasets is None:
-            self.datasets = self._build_datasets()
+        self.ensure_datasets()
         return self.generation
 
     def end_generation(self) -> None:
@@ -160,6 +159,15 @@ class Trainer:
             groups.abandon_world()
         else:
             groups.destroy_world()
+
+    def ensure_datasets(self) -> None:
+        """Build the (layout-independent) datasets once per process.
+
+        megatron's builder synchronises over the world group when there is one: a process that joins a
+        running job builds them before joining (it then reads the index cache the first start wrote).
+        """
+        if self.datasets is None:
+            self.datasets = self._build_datasets()
 
     def _build_datasets(self) -> data.Datasets:
         args = self.args

@@ -1,0 +1,211 @@
+"""The self-healing loop of a worker (``--unicron``): detect in-band, report, follow the decision.
+
+Every step of the training loop (an iteration, an evaluation, a checkpoint save) runs through
+:meth:`Healer.attempt`. A failure inside it does not end the process:
+
+1. *Detect.* An exception raised in the step (megatron's own, a gloo error from a dead peer, a
+   :class:`~megatron_unicron.megatron.timed_collectives.CollectiveTimeout` when a collective exceeds
+   its adaptive timeout, an injected fault) is caught and classified (``taxonomy.classify_exception``).
+   The iteration monitor thread reports a hang when the main thread is stuck outside any timed wait.
+2. *Report* a :class:`FaultEvent` to the store and wait for the coordinator's decision for the next
+   generation (the worker stays alive; its broken process groups are abandoned, not destroyed).
+3. *Follow* it: reattempt in place, take a restarted peer back, move to a new layout, or stop. The
+   transition (``transition.controller``) brings every live process to the same committed iteration,
+   so the iteration in flight is redone from the state before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from megatron_unicron.detect.watchdog import AdaptiveTimeouts, IterationMonitor, TimeoutPolicy
+from megatron_unicron.errors import UnicronError
+from megatron_unicron.events import Action, Decision, ErrorKind, FaultEvent
+from megatron_unicron.megatron import timed_collectives
+from megatron_unicron.protocol import JobChannel
+from megatron_unicron.taxonomy import classify_exception, error_text
+from megatron_unicron.transition.controller import TransitionReport, run_transition
+
+if TYPE_CHECKING:
+    from megatron_unicron.megatron.train import Trainer
+    from megatron_unicron.testing.injector import FaultInjector
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class JobStopped(UnicronError):
+    """The coordinator stopped the job (its reason says why and how to resume)."""
+
+
+class TrainingDone(Exception):
+    """A warm spare learns that training finished without it."""
+
+
+class Healer:
+    """Runs training steps for one worker, recovering from failures as the coordinator decides."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        channel: JobChannel,
+        *,
+        launch_rank: int,
+        node: str,
+        generation: int,
+        injector: FaultInjector | None = None,
+        decision_timeout: timedelta = timedelta(minutes=10),
+    ) -> None:
+        self.trainer = trainer
+        self.channel = channel
+        self.launch_rank = launch_rank
+        self.node = node
+        self.generation = generation
+        self.injector = injector
+        self.decision_timeout = decision_timeout
+        detection = trainer.args.unicron.detection
+        self.timeouts = AdaptiveTimeouts(
+            TimeoutPolicy(slow_factor=detection.slow_factor, warmup_floor_s=detection.warmup_floor_s)
+        )
+        timed_collectives.apply(self.timeouts)
+        self.monitor = IterationMonitor(self.timeouts, on_hang=self._report_hang)
+        self.resume_pending = False
+        self.transitions: list[TransitionReport] = []
+
+    # ------------------------------------------------------------------ the step wrapper
+    def attempt(self, step: Callable[[], T]) -> T:
+        """Run ``step``; on failure recover as decided and run it again."""
+        is_iteration = getattr(step, "__func__", None) is type(self.trainer).train_step
+        while True:
+            try:
+                if is_iteration:
+                    self.monitor.iteration_started(self.trainer.progress.iteration + 1)
+                started = time.monotonic()
+                result = step()
+                if is_iteration:
+                    self.monitor.iteration_finished()
+                    self._after_iteration(time.monotonic() - started)
+                return result
+            except (KeyboardInterrupt, SystemExit, JobStopped, TrainingDone):
+                raise
+            except Exception as error:  # every other failure of a step is recoverable in-band
+                self.monitor.pause()
+                self.recover(error)
+
+    def _after_iteration(self, seconds: float) -> None:
+        if self.injector is not None and self.injector.slow_factor > 1.0:
+            time.sleep(self.injector.delay_for(seconds))
+        iteration = self.trainer.progress.iteration
+        self.channel.post_progress(self.launch_rank, iteration, self.generation)
+        if self.resume_pending:
+            self.channel.post_resumed(self.generation, self.launch_rank, iteration)
+            self.resume_pending = False
+
+    # ------------------------------------------------------------------ recovery
+    def _event(self, kind: ErrorKind, message: str) -> FaultEvent:
+        injected = self.injector.t_fault if self.injector is not None else None
+        return FaultEvent(
+            job=self.channel.keys.job,
+            kind=kind,
+            rank=self.launch_rank,
+            node=self.node,
+            generation=self.generation,
+            message=message[:500],
+            iteration=self.trainer.phases.iteration,
+            phase=self.trainer.phases.phase,
+            source="worker",
+            t_fault=injected,
+            t_detected=time.time(),
+        )
+
+    def _report_hang(self, iteration: int, elapsed: float) -> None:
+        """Iteration monitor: the main thread is stuck outside any timed wait."""
+        message = f"{error_text(ErrorKind.TASK_HANG)}: iteration {iteration} running for {elapsed:.2f}s"
+        self.channel.report(self._event(ErrorKind.TASK_HANG, message))
+
+    def recover(self, error: BaseException) -> None:
+        """Report ``error``, then follow decisions until this process trains again."""
+        kind = classify_exception(error)
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        event = self._event(kind, f"{type(error).__name__}: {first_line}")
+        phase = event.phase.value if event.phase else "-"
+        logger.warning(
+            "unicron: rank %d detected %s at iteration %s (%s): %s",
+            self.launch_rank, kind.value, event.iteration, phase, first_line,
+        )  # fmt: skip
+        self.channel.report(event)
+        broken = True
+        while True:
+            decision = self.channel.wait_decision(self.generation + 1, self.decision_timeout)
+            if decision is None or decision.action is Action.STOP:
+                self._stop(decision)
+            assert decision is not None
+            try:
+                report = self.follow(decision, broken=broken)
+            except Exception as again:  # a failure while recovering: report it, wait for the next decision
+                self.generation = decision.generation
+                kind = classify_exception(again)
+                self.channel.report(self._event(kind, f"during transition: {type(again).__name__}: {again}"))
+                continue
+            broken = False
+            if report.member:
+                return
+            logger.info(
+                "unicron: rank %d is a warm spare in generation %d", self.launch_rank, self.generation
+            )
+
+    def follow(self, decision: Decision, *, broken: bool) -> TransitionReport:
+        """Enter ``decision.generation`` (the trainer may hold no state: a restarted process)."""
+        report = run_transition(
+            self.trainer,
+            self.trainer.guard,
+            decision,
+            launch_rank=self.launch_rank,
+            node=self.node,
+            broken=broken,
+            timeout=self.trainer.timeout,
+        )
+        self.generation = decision.generation
+        self.transitions.append(report)
+        self.resume_pending = report.member
+        if report.member and self.trainer.is_reporting_rank():
+            total = sum(report.seconds.values())
+            print(
+                f"unicron: generation {decision.generation} ({decision.action.value}, incident "
+                f"{decision.incident}): layout {decision.layout}, resumed after iteration "
+                f"{report.resume_iteration}, transition {total:.2f}s "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in report.seconds.items())}), "
+                f"{report.bytes_moved} bytes moved",
+                flush=True,
+            )
+        return report
+
+    def _stop(self, decision: Decision | None) -> None:
+        stopped = self.channel.stopped()
+        if stopped is None and self.channel.is_done():
+            raise TrainingDone()
+        reason = (decision.reason if decision is not None else "") or (stopped or {}).get("reason", "stopped")
+        raise JobStopped(f"the job was stopped: {reason}")
+
+    def wait_as_spare(self) -> None:
+        """A spare (or restarted) process without a layout: follow decisions until it trains again."""
+        while self.trainer.generation is None:
+            decision = self.channel.wait_decision(self.generation + 1, self.decision_timeout)
+            if decision is None or decision.action is Action.STOP:
+                self._stop(decision)
+            assert decision is not None
+            self.follow(decision, broken=False)
+
+    def close(self) -> None:
+        """Stop the monitor thread and restore the untimed collectives."""
+        self.monitor.close()
+        timed_collectives.revert()
+
+    def summary(self) -> dict[str, Any]:
+        """What this worker recovered from (for logs and tests)."""
+        return {"generation": self.generation, "transitions": len(self.transitions)}
