@@ -45,8 +45,15 @@ class DetectionConfig:
     grace_window_s: float = 0.5
     """Seconds to wait after a first fault report so that correlated reports join the same incident."""
 
+    min_timeout_s: float = 0.5
+    """A collective's adaptive timeout never drops below this many seconds (scheduler noise is no hang)."""
+
+    pg_timeout_s: float = 30.0
+    """Process groups' own operation timeout with --unicron: how long an abandoned, stuck operation may
+    linger before its group is released (adaptive timeouts detect hangs long before)."""
+
     def __post_init__(self) -> None:
-        for name in ("lease_interval_s", "lease_ttl_s", "warmup_floor_s"):
+        for name in ("lease_interval_s", "lease_ttl_s", "warmup_floor_s", "min_timeout_s", "pg_timeout_s"):
             value = getattr(self, name)
             _require(value > 0, name, value, "must be a positive number of seconds")
         _require(self.grace_window_s >= 0, "grace_window_s", self.grace_window_s,

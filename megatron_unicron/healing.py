@@ -70,10 +70,17 @@ class Healer:
         self.decision_timeout = decision_timeout
         detection = trainer.args.unicron.detection
         self.timeouts = AdaptiveTimeouts(
-            TimeoutPolicy(slow_factor=detection.slow_factor, warmup_floor_s=detection.warmup_floor_s)
+            TimeoutPolicy(
+                slow_factor=detection.slow_factor,
+                warmup_floor_s=detection.warmup_floor_s,
+                min_timeout_s=detection.min_timeout_s,
+            )
         )
+        self.relaxed_s = detection.pg_timeout_s
         timed_collectives.apply(self.timeouts)
-        self.monitor = IterationMonitor(self.timeouts, on_hang=self._report_hang)
+        self.monitor = IterationMonitor(
+            self.timeouts, on_hang=self._report_hang, in_timed_wait=timed_collectives.in_timed_wait
+        )
         self.resume_pending = False
         self.transitions: list[TransitionReport] = []
 
@@ -86,7 +93,11 @@ class Healer:
                 if is_iteration:
                     self.monitor.iteration_started(self.trainer.progress.iteration + 1)
                 started = time.monotonic()
-                result = step()
+                if is_iteration:
+                    result = step()
+                else:  # evaluations and saves: rare and uneven, no statistics to judge them by
+                    with self.timeouts.relaxed(self.relaxed_s):
+                        result = step()
                 if is_iteration:
                     self.monitor.iteration_finished()
                     self._after_iteration(time.monotonic() - started)

@@ -8,14 +8,16 @@ waits for a whole stage is not compared with a small tensor-parallel all-reduce.
 stopped peer is noticed within about ``slow_factor`` × the operation's usual time plus that minimum.
 
 The monitor thread is the backstop for a hang outside any timed wait (the main thread stuck in compute):
-when the iteration in flight exceeds ``slow_factor`` × the mean iteration time it calls ``on_hang`` once.
+when the iteration in flight exceeds ``slow_factor`` × the mean iteration time while no timed wait is in
+progress, it calls ``on_hang`` once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 
@@ -59,13 +61,25 @@ class AdaptiveTimeouts:
         self.policy = policy
         self._stats: dict[Hashable, RunningMean] = {}
         self._lock = threading.Lock()
+        self._relaxed_s = 0.0
 
     def timeout_for(self, key: Hashable) -> float:
         """Seconds the next occurrence of ``key`` may take before it is a hang."""
         stats = self._stats.get(key)
         if stats is None or stats.count < self.policy.warmup_samples:
-            return self.policy.warmup_floor_s
-        return max(self.policy.min_timeout_s, self.policy.slow_factor * stats.mean)
+            timeout = self.policy.warmup_floor_s
+        else:
+            timeout = max(self.policy.min_timeout_s, self.policy.slow_factor * stats.mean)
+        return max(timeout, self._relaxed_s)
+
+    @contextlib.contextmanager
+    def relaxed(self, seconds: float) -> Iterator[None]:
+        """Give every wait at least ``seconds`` inside the block (saves and evaluations: rare, uneven)."""
+        previous, self._relaxed_s = self._relaxed_s, seconds
+        try:
+            yield
+        finally:
+            self._relaxed_s = previous
 
     def record(self, key: Hashable, seconds: float) -> None:
         """Account one completed occurrence."""
@@ -96,9 +110,11 @@ class IterationMonitor:
         timeouts: AdaptiveTimeouts,
         on_hang: Callable[[int, float], None],
         poll_interval_s: float = 0.05,
+        in_timed_wait: Callable[[], bool] = lambda: False,
     ) -> None:
         self.timeouts = timeouts
         self.on_hang = on_hang
+        self.in_timed_wait = in_timed_wait
         self.poll_interval_s = poll_interval_s
         self._started_at: float | None = None
         self._iteration = -1
@@ -129,6 +145,8 @@ class IterationMonitor:
             if started is None or self._flagged:
                 continue
             elapsed = time.monotonic() - started
+            if self.in_timed_wait():
+                continue  # a stuck collective times out by itself, with a better diagnosis
             if elapsed > self.timeouts.timeout_for(self.KEY):
                 self._flagged = True
                 self.on_hang(self._iteration, elapsed)

@@ -15,8 +15,10 @@ Three ways to end a generation:
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,8 +31,9 @@ from megatron_unicron.megatron import cpu
 
 logger = logging.getLogger(__name__)
 
-# Broken process groups that must stay referenced until their pending op drains (see abandon_world).
-_GRAVEYARD: list[Any] = []
+# Broken process groups that must stay referenced until their pending op drains (see abandon_world),
+# with the time they were abandoned.
+_GRAVEYARD: list[tuple[float, Any]] = []
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,19 @@ class ParallelCoords:
         return self.pp_rank == self.pp_size - 1
 
 
-def init_world(store: dist.Store, prefix: str, rank: int, world_size: int, timeout: timedelta) -> None:
-    """Create the default (world) gloo/nccl group of a generation on ``store`` under ``prefix``."""
+def init_world(
+    store: dist.Store,
+    prefix: str,
+    rank: int,
+    world_size: int,
+    timeout: timedelta,
+    op_timeout: timedelta | None = None,
+) -> None:
+    """Create the default (world) gloo/nccl group of a generation on ``store`` under ``prefix``.
+
+    ``timeout`` bounds the rendezvous (a restarted peer may take a while to import and join);
+    ``op_timeout``, when given, then becomes the group's per-operation timeout.
+    """
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(rank % max(torch.cuda.device_count(), 1)))
@@ -67,6 +81,8 @@ def init_world(store: dist.Store, prefix: str, rank: int, world_size: int, timeo
         world_size=world_size,
         timeout=timeout,
     )
+    if op_timeout is not None:
+        dist.distributed_c10d._set_pg_timeout(op_timeout, dist.group.WORLD)
 
 
 def init_model_parallel(tp: int, pp: int, timeout: timedelta) -> ParallelCoords:
@@ -142,7 +158,8 @@ def abandon_world() -> int:
 
     c10d = dist.distributed_c10d
     groups = list(c10d._world.pg_map)
-    _GRAVEYARD.extend(groups)
+    now = time.monotonic()
+    _GRAVEYARD.extend((now, group) for group in groups)
     ps.destroy_model_parallel()
     c10d._update_default_pg(None)
     for registry in (
@@ -163,4 +180,22 @@ def abandon_world() -> int:
 
 def graveyard_size() -> int:
     """How many abandoned groups are still referenced."""
+    return len(_GRAVEYARD)
+
+
+def release_drained(op_timeout: timedelta, *, wait: bool = False) -> int:
+    """Release abandoned groups older than their operation timeout (their stuck op has failed by then).
+
+    With ``wait``, first sleep until every abandoned group is that old (at the end of a job). Returns
+    how many groups remain referenced.
+    """
+    limit = op_timeout.total_seconds() + 1.0
+    if wait and _GRAVEYARD:
+        oldest_due = max(t for t, _ in _GRAVEYARD) + limit
+        time.sleep(max(0.0, oldest_due - time.monotonic()))
+    now = time.monotonic()
+    keep = [(t, g) for t, g in _GRAVEYARD if now - t < limit]
+    if len(keep) != len(_GRAVEYARD):
+        _GRAVEYARD[:] = keep
+        gc.collect()
     return len(_GRAVEYARD)

@@ -135,9 +135,9 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
         trainer.train(attempt=healer.attempt if healer is not None else None)
         if channel is not None:
             channel.mark_done()
-        trainer.end_generation()
+        trainer.finish()
     except TrainingDone:
-        trainer.end_generation()
+        trainer.finish()
     except JobStopped as stop:
         if env.rank == 0:
             print(f"{prog}: {stop}", file=sys.stderr, flush=True)

@@ -53,6 +53,12 @@ SITES: tuple[PatchSite, ...] = (
 )
 
 _PATCHES = PatchSet("megatron_unicron timed collectives")
+_waiting = [0]  # how many timed waits are in progress (read by the iteration monitor's thread)
+
+
+def in_timed_wait() -> bool:
+    """Whether some thread is inside a timed wait now (it will time out by itself if stuck)."""
+    return _waiting[0] > 0
 
 
 class CollectiveTimeout(RuntimeError):
@@ -109,16 +115,20 @@ class TimedWork:
         if timeout is not None:
             limit = min(limit, timeout.total_seconds())
         deadline = self._issued + limit
-        for work in self._works:
-            remaining = max(deadline - time.monotonic(), 0.001)
-            try:
-                work.wait(timedelta(seconds=remaining))
-            except RuntimeError as error:
-                if "timed out" not in str(error).lower():
-                    raise
-                raise CollectiveTimeout(
-                    self._key[0], self._key[1], time.monotonic() - self._issued, limit
-                ) from error
+        _waiting[0] += 1
+        try:
+            for work in self._works:
+                remaining = max(deadline - time.monotonic(), 0.001)
+                try:
+                    work.wait(timedelta(seconds=remaining))
+                except RuntimeError as error:
+                    if "timed out" not in str(error).lower():
+                        raise
+                    raise CollectiveTimeout(
+                        self._key[0], self._key[1], time.monotonic() - self._issued, limit
+                    ) from error
+        finally:
+            _waiting[0] -= 1
         self._done = True
         self._timeouts.record(self._key, time.monotonic() - self._issued)
         return True
@@ -163,8 +173,10 @@ def _timed_batch(original: Callable[..., Any], timeouts: AdaptiveTimeouts) -> Ca
     @functools.wraps(original)
     def wrapper(p2p_op_list: list[Any]) -> list[Any]:
         works = original(p2p_op_list)
-        shape = tuple((op.op.__name__, op.peer, op.tensor.numel()) for op in p2p_op_list)
-        return [TimedWork(list(works), ("batch_isend_irecv", shape, 0), timeouts)]
+        kinds = ",".join(op.op.__name__ for op in p2p_op_list)
+        peers = tuple(sorted({op.peer for op in p2p_op_list}))
+        key = (f"p2p[{kinds}] with", peers, sum(op.tensor.numel() for op in p2p_op_list))
+        return [TimedWork(list(works), key, timeouts)]
 
     return wrapper
 

@@ -108,6 +108,10 @@ class Trainer:
         self.forward_step_func = self.phases.wrap_forward_step(forward_step_func)
         self.env = env
         self.timeout = timedelta(minutes=args.distributed_timeout_minutes)
+        # With --unicron, adaptive timeouts detect hangs; the groups' own timeout only bounds how long an
+        # abandoned operation lingers. Without it, Megatron's --distributed-timeout-minutes.
+        detection = args.unicron.detection
+        self.op_timeout = timedelta(seconds=detection.pg_timeout_s) if args.unicron.enabled else self.timeout
         self.store: TCPStoreBackend = connect_store(env.master_addr, env.master_port, self.timeout)
         self.progress = TrainingProgress()
         self.tokenizer = data.build_tokenizer(
@@ -133,8 +137,9 @@ class Trainer:
 
     def start_generation(self, number: int, rank: int, world_size: int, tp: int, pp: int) -> Generation:
         """Create the world and megatron groups, then the model, optimizer and scheduler for (TP, PP)."""
-        groups.init_world(self.store.c10d_store, self.store_prefix(number), rank, world_size, self.timeout)
-        coords = groups.init_model_parallel(tp, pp, self.timeout)
+        store = self.store.c10d_store
+        groups.init_world(store, self.store_prefix(number), rank, world_size, self.timeout, self.op_timeout)
+        coords = groups.init_model_parallel(tp, pp, self.op_timeout)
         groups.seed_everything(self.args.seed, coords)
         self.padded_vocab_size = self.vocab_size_for(tp)
         bundle = build_model_bundle(self.args, coords, self.padded_vocab_size)
@@ -150,6 +155,11 @@ class Trainer:
         """Tear a healthy generation down: model state first, then every process group."""
         self.leave_generation(broken=False)
 
+    def finish(self) -> None:
+        """End of the job: tear down, and wait until abandoned groups of broken generations are released."""
+        self.end_generation()
+        groups.release_drained(self.op_timeout, wait=True)
+
     def leave_generation(self, *, broken: bool) -> None:
         """Drop the current layout's model state and groups; a broken world is abandoned without blocking."""
         if self.generation is not None:
@@ -159,6 +169,7 @@ class Trainer:
             groups.abandon_world()
         else:
             groups.destroy_world()
+        groups.release_drained(self.op_timeout)
 
     def ensure_datasets(self) -> None:
         """Build the (layout-independent) datasets once per process.
