@@ -6,10 +6,10 @@ import megatron.core  # noqa: F401
 import pytest
 import torch
 
-from megatron_unicron.megatron import cpu, optimizer_fixes
+from megatron_unicron.megatron import cpu, init, optimizer_fixes, phases, timed_collectives
 from megatron_unicron.megatron.patching import check_megatron_core_version
 
-ALL_SITES = cpu.SITES + optimizer_fixes.SITES
+ALL_SITES = cpu.SITES + optimizer_fixes.SITES + init.SITES + phases.SITES + timed_collectives.SITES
 
 
 @pytest.mark.parametrize("site", ALL_SITES, ids=str)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from megatron_unicron.errors import ConfigError
 from megatron_unicron.megatron import cpu
 from megatron_unicron.megatron.groups import ParallelCoords
+from megatron_unicron.megatron.init import layout_independent
 
 if TYPE_CHECKING:
     from megatron_unicron.megatron.args import MegatronArgs
@@ -133,17 +134,18 @@ def build_gpt(args: MegatronArgs, config: Any, coords: ParallelCoords, padded_vo
     from megatron.core.models.gpt import GPTModel
 
     impl = resolve_transformer_impl(args)
-    gpt = GPTModel(
-        config,
-        layer_spec(args, impl),
-        vocab_size=padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=coords.is_first_stage,
-        post_process=coords.is_last_stage,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-    )
+    with layout_independent(args.seed):
+        gpt = GPTModel(
+            config,
+            layer_spec(args, impl),
+            vocab_size=padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=coords.is_first_stage,
+            post_process=coords.is_last_stage,
+            parallel_output=True,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type=args.position_embedding_type,
+        )
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     cpu.apply()

@@ -98,7 +98,7 @@ class PatchSet:
             setattr(owner, attribute, original)
         self._originals.clear()
         if count:
-            logger.info("%s: reverted %d patched attributes", self.name, count)
+            logger.debug("%s: reverted %d patched attributes", self.name, count)
         return count
 
     def replaced(self) -> Iterator[tuple[Any, str]]:

@@ -9,6 +9,7 @@ data-parallel degree, so a run's loss curve does not depend on its layout beyond
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import time
@@ -159,6 +160,7 @@ class Trainer:
         """End of the job: tear down, and wait until abandoned groups of broken generations are released."""
         self.end_generation()
         groups.release_drained(self.op_timeout, wait=True)
+        self.store.close()
 
     def leave_generation(self, *, broken: bool) -> None:
         """Drop the current layout's model state and groups; a broken world is abandoned without blocking."""
@@ -169,6 +171,9 @@ class Trainer:
             groups.abandon_world()
         else:
             groups.destroy_world()
+        # Model, DDP and optimizer reference each other (and the groups) in cycles: collect them now,
+        # or the groups' sockets stay open until some later collection.
+        gc.collect()
         groups.release_drained(self.op_timeout)
 
     def ensure_datasets(self) -> None:
