@@ -204,7 +204,8 @@ class AgentResult:
             restarts = self.attempts - 1
             return [f"job {job} succeeded after {restarts} restart(s)"] if restarts else []
         if self.outcome is Outcome.FAILED and self.failures:
-            lines = [f"job {job} failed with exit status {rc}; failed rank(s), root cause first:"]
+            why = f" ({self.message})" if self.message else ""
+            lines = [f"job {job} failed with exit status {rc}{why}; failed rank(s), root cause first:"]
             return lines + [f"  {f.describe()}" for f in self.failures]
         return [f"job {job} ended: {self.message or self.outcome.value} (exit status {rc})"]
 
@@ -326,8 +327,10 @@ class NodeAgent:
             outcome = Outcome.FAILED if root is not None else Outcome.SUCCEEDED
         if outcome is Outcome.SUCCEEDED:
             return AgentResult(outcome=outcome, attempts=self.attempt + 1)
-        if root is None and ending.message:  # ended by the policy (e.g. the job was stopped), not an exit
-            return AgentResult(outcome=outcome, attempts=self.attempt + 1, message=ending.message)
+        if ending.message:  # ended by the policy (e.g. the job was stopped)
+            failures = self._failures(root) if root is not None else ()
+            return AgentResult(outcome=outcome, attempts=self.attempt + 1, failures=failures,
+                               message=ending.message)
         failures = self._failures(root)
         if self.attempt < self.config.max_restarts and self.config.mode == "torchrun":
             cause = failures[0].describe() if failures else "failure"

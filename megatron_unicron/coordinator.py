@@ -159,7 +159,7 @@ class Coordinator:
         try:
             self.settings = JobSettings.from_config(self.job, raw, self.launch_rank_node)
         except (ValueError, TypeError) as e:
-            self._give_up(f"job {self.job} stopped: its unicron config is invalid ({e})")
+            self._give_up(f"its unicron config is invalid ({e})")
             return
         if self.generation == 0:
             self.members = tuple(range(self.settings.world_size))
@@ -231,7 +231,7 @@ class Coordinator:
         if self.settings is None:
             everyone_gone = bool(states) and all(s.status == EXITED for s in states.values())
             if everyone_gone or now - self._open.opened_at > CONFIG_WAIT_S:
-                self._give_up(f"job {self.job} stopped: launch rank 0 never posted the job's unicron config "
+                self._give_up("launch rank 0 never posted the job's unicron config "
                               f"({self.channel.prefix}/config), so its faults cannot be handled")
             return
         incident = form_incident(self._open, incident_id=self._next_id, job=self.job,
@@ -248,6 +248,8 @@ class Coordinator:
         t_fault = self._fault_time(incident)
         for node, command in verdict.commands.items():
             self.channel.command_agent(node, dict(command))
+        if verdict.action is Action.STOP:
+            self.channel.stop(verdict.stop_reason, verdict.checkpoint)
         self.channel.publish_decision(verdict.decision)
         t_decided = self.clock()
         self.history.record(incident.root, incident.severity, t_decided)
@@ -258,7 +260,7 @@ class Coordinator:
             self._write(self._pending, outcome="superseded")
         pending = _Pending(verdict=verdict, t_decided=t_decided, t_fault=t_fault)
         if verdict.action is Action.STOP:
-            self.channel.stop(verdict.stop_reason, verdict.checkpoint)
+            self.emit(f"unicron: job {self.job} stopped: {verdict.stop_reason}")
             self._write(pending, outcome="stopped")
             self.finished = True
             return
@@ -339,7 +341,7 @@ class Coordinator:
 
     def _give_up(self, reason: str) -> None:
         self.channel.stop(reason, None)
-        self.emit(f"unicron: {reason}")
+        self.emit(f"unicron: job {self.job} stopped: {reason}")
         self.finished = True
 
 

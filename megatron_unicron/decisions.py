@@ -95,7 +95,7 @@ def stop_reason(incident: Incident, settings: JobSettings) -> tuple[str, str | N
         detail = f": {root.message}" if root.message else ""
         what = f"the device of rank {root.rank} on {root.node} failed ({root.kind.value}{detail}){at}"
     checkpoint, resume = latest_checkpoint(settings.save)
-    return f"job {settings.job} stopped: {what}; isolate {root.node}, then {resume}", checkpoint
+    return f"{what}; isolate {root.node}, then {resume}", checkpoint
 
 
 def _alive(rank: int, states: Mapping[int, WorkerState]) -> bool:

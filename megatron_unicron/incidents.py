@@ -176,19 +176,23 @@ def infer_hangs(events: Sequence[FaultEvent], members: Sequence[int], rank_node:
                 states: Mapping[int, WorkerState], *, job: str, generation: int, now: float
                 ) -> list[FaultEvent]:
     """``hang`` events for members that did not report while alive: stopped, or running while peers
-    reported timeouts (the process is there, so it is not an exit; it said nothing, so it is stuck)."""
+    reported timeouts (the process is there, so it is not an exit; it said nothing, so it is stuck).
+
+    Their ``t_detected`` is the first peer timeout (the first in-band sign), else ``now``.
+    """
     covered = covered_ranks(events, rank_node)
-    peers_timed_out = any(e.kind in TIMEOUT_KINDS for e in events)
+    timeouts = [e.t_detected for e in events if e.kind in TIMEOUT_KINDS]
+    detected = min(timeouts, default=now)  # the first in-band sign of the hang
     hung = []
     for rank in members:
         state = states.get(rank)
         if rank in covered or state is None or not state.alive:
             continue
-        if state.status == STOPPED or peers_timed_out:
+        if state.status == STOPPED or timeouts:
             how = "is stopped (state T)" if state.status == STOPPED else "is alive"
             hung.append(FaultEvent(
                 job=job, kind=ErrorKind.TASK_HANG, rank=rank, node=state.node, generation=generation,
-                source="coordinator", t_detected=now,
+                source="coordinator", t_detected=detected,
                 message=f"rank {rank} (pid {state.pid}) {how} but did not report while its peers failed",
             ))
     return hung

@@ -13,9 +13,9 @@
   parent-death signal is bound to the thread that forked it.
 - **Worker states** are published for the coordinator (``worker_states.py``).
 - **The end.** Stopped (``stop`` key): once every worker is gone (after ``stop_grace_s`` the agent stops
-  the rest), the attempt fails with the stop reason (exit status 1). Done: once every worker is gone,
-  success (unless a worker's last exit failed). Every worker gone with exit 0: success. A failed
-  worker with neither: wait for the coordinator's restart or stop.
+  the rest), the attempt fails with the stop reason (exit status: the first failed worker's, else 1).
+  Done: once every worker is gone, success (unless a worker's last exit failed). Every worker gone with
+  exit 0: success. A failed worker with neither: wait for the coordinator's restart or stop.
 """
 
 from __future__ import annotations
@@ -96,12 +96,13 @@ class UnicronPolicy(ExitPolicy):
                 self._stop_seen = now
                 log.warning("the job was stopped: %s", stop.get("reason"))
             if not alive or now - self._stop_seen >= self.stop_grace_s:
-                return Ending(Outcome.FAILED, None, f"the job was stopped: {stop.get('reason')}")
+                failed = _failed(agent)
+                return Ending(Outcome.FAILED, failed[0] if failed else None,
+                              f"the job was stopped: {stop.get('reason')}")
             return None
         if alive:
             return None
-        failed = sorted((w.exit for w in agent.workers.values() if w.exit and w.exit.failed),
-                        key=lambda e: e.time)
+        failed = _failed(agent)
         if not failed:
             return Ending(Outcome.SUCCEEDED)
         if channel.is_done():
@@ -141,3 +142,8 @@ class UnicronPolicy(ExitPolicy):
         if force or states != self._posted or now - self._posted_at >= STATE_REFRESH_S:
             post_states(self.channel(agent), agent.config.node, states)
             self._posted, self._posted_at = states, now
+
+
+def _failed(agent: NodeAgent) -> list[WorkerExit]:
+    """The current workers' failed exits, earliest first."""
+    return sorted((w.exit for w in agent.workers.values() if w.exit and w.exit.failed), key=lambda e: e.time)

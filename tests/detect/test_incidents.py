@@ -119,7 +119,7 @@ def test_stopped_non_reporter_is_hung_running_one_only_when_peers_timed_out():
     stopped = states(r0=RUNNING, r1=RUNNING, r2=STOPPED, r3=RUNNING)
     hung = infer_hangs(timeouts, range(4), NODES, stopped, job="j", generation=0, now=11.0)
     assert [(e.kind, e.rank, e.source) for e in hung] == [(ErrorKind.TASK_HANG, 2, "coordinator")]
-    assert "state T" in hung[0].message
+    assert "state T" in hung[0].message and hung[0].t_detected == 10.0  # the first timeout report
     assert [
         e.rank for e in infer_hangs(timeouts, range(4), NODES, ALL_RUNNING, job="j", generation=0, now=11.0)
     ] == [2]
