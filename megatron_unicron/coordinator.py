@@ -4,10 +4,11 @@ It watches the store, forms incidents from fault reports (``incidents.py``), dec
 (``decisions.py``), carries the decision out and records every incident (``incident_log.py``).
 
 **The job config** (``unicron/<job>/config``), posted once by the worker of launch rank 0 before its
-first iteration; nothing is decided before it exists::
+first iteration; nothing is decided before it exists (an incident waits up to ``CONFIG_WAIT_S`` for it,
+or until every worker is gone, then the job is stopped)::
 
     {"incident_log": "/path/incidents.jsonl" | null,   # where incident lines go (none: not written)
-     "save": "/path/to/checkpoints" | null,            # Megatron's --save (latest_checkpointed_iteration.txt)
+     "save": "/path/to/checkpoints" | null,            # --save (latest_checkpointed_iteration.txt)
      "detection": {"lease_interval_s": 1.0, "lease_ttl_s": 3.0, "slow_factor": 3.0,
                    "warmup_floor_s": 2.0, "grace_window_s": 0.5, "escalation_window_s": 60.0,
                    "resume_timeout_s": 120.0},         # UnicronConfig.detection; missing keys: defaults
@@ -16,15 +17,27 @@ first iteration; nothing is decided before it exists::
      "train_iters": 20,                                # optional
      "rank_node": {"0": "node0", ...}}                 # optional; default: the launch shape
 
-**Reads**: ``gen<g>/faults`` of the current generation, node leases (``nodes/<node>/lease``, ``left``),
-the agents' worker states (``worker_states.py``), ``progress/<rank>`` (iteration in flight, mean
-iteration time), ``gen<g>/resumed/<rank>`` and ``inject/fired/*`` (``t_fault``), ``done`` and ``stop``.
-**Writes**: lost-node reports (into ``gen<g>/faults``), agent commands (before the decision),
-``gen<g+1>/decision``, ``generation``, ``stop``, and the incident log.
+**What a worker does for it.** Post ``progress`` after every committed iteration (the coordinator
+takes the iteration in flight of an agent-reported exit and the mean iteration time from it). On a
+failure, report a ``FaultEvent`` to its current generation ``g`` (``iteration`` = the one in flight,
+1-based) and block in ``wait_decision(g + 1)``. Survivors blocked in a timed wait report when it
+expires: an incident waits for every member up to ``incidents.collect_bound_s``. Then follow the
+decision: ``stop`` or None (the job stopped) -> exit; own rank in ``decision.restart`` -> exit (any
+code) or keep waiting to be killed; otherwise rebuild the groups of ``decision.generation`` and redo
+from ``decision.resume_iteration`` (the smallest committed iteration among the members). After the
+first good step of generation g >= 1 post ``resumed(g, rank)`` (restarted ranks too). A restarted
+process sees ``UNICRON_RESTARTED=1`` and ``UNICRON_GENERATION=g``. Launch rank 0 calls ``mark_done``
+when training is finished. Injected faults are claimed with ``claim_fault`` (their ``t_fault``).
 
-A node whose lease is older than ``lease_ttl_s`` (and that did not leave) is lost: a ``lost-node``
-event (SEV1). A decided generation that does not resume within ``resume_timeout_s`` raises an
-escalated incident (one severity up) on the ranks that did not resume.
+**Reads**: ``gen<g>/faults`` of the current generation, node leases (``nodes/<node>/lease``, ``left``),
+the agents' worker states (``worker_states.py``), ``progress/<rank>``, ``gen<g>/resumed/<rank>``,
+``inject/fired/*``, ``done`` and ``stop``. **Writes**: lost-node reports (into ``gen<g>/faults``),
+agent commands (before the decision), ``stop`` (before a STOP decision), ``gen<g+1>/decision``,
+``generation``, and the incident log.
+
+A node whose lease is older than ``lease_ttl_s`` (at least two renewal intervals of the agents), and
+that did not leave, is lost: a ``lost-node`` event (SEV1). A decided generation that does not resume
+within ``resume_timeout_s`` raises an escalated incident (one severity up) on the ranks that did not.
 """
 
 from __future__ import annotations
@@ -75,11 +88,17 @@ class _Pending:
 
 
 class Coordinator:
-    """Incident formation and decisions for one job; call ``poll()`` repeatedly (or ``run``)."""
+    """Incident formation and decisions for one job; call ``poll()`` repeatedly (or ``run``).
+
+    ``nodes`` and ``rank_node`` are the launch shape (the config's ``rank_node`` overrides the latter);
+    ``host_node`` runs this coordinator (its own lease is not watched); ``lease_renewal_s`` is how often
+    the agents renew their leases; ``plan_fn`` is asked first for SEV1 incidents (``decisions.PlanFn``);
+    ``emit`` receives the one-line summaries (default: the log).
+    """
 
     def __init__(
         self, channel: JobChannel, *, nodes: Sequence[str], rank_node: Mapping[int, str],
-        host_node: str = "node0", plan_fn: PlanFn | None = None,
+        host_node: str = "node0", plan_fn: PlanFn | None = None, lease_renewal_s: float = 1.0,
         emit: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
     ) -> None:
         self.channel = channel
@@ -88,6 +107,7 @@ class Coordinator:
         self.launch_rank_node = dict(rank_node)
         self.host_node = host_node
         self.plan_fn = plan_fn
+        self.lease_renewal_s = lease_renewal_s
         self.emit = emit if emit is not None else log.info
         self.clock = clock
         self.settings: JobSettings | None = None
@@ -168,7 +188,8 @@ class Coordinator:
 
     def _check_leases(self, now: float) -> None:
         store, keys = self.channel.store, self.channel.keys
-        ttl = self.detection.lease_ttl_s
+        # The agents renew every lease_renewal_s (a launcher setting): a shorter TTL would lose every node.
+        ttl = max(self.detection.lease_ttl_s, 2 * self.lease_renewal_s)
         for node in self.nodes:
             if node == self.host_node or node in self.lost or store.check([keys.left(node)]):
                 continue

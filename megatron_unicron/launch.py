@@ -202,7 +202,8 @@ def _run(
 
         coordinator = CoordinatorThread(Coordinator(
             JobChannel(store.clone(), agent.keys), nodes=[f"node{k}" for k in range(nnodes)],
-            rank_node={r: f"node{r // nproc}" for r in range(nnodes * nproc)}, emit=emit))
+            rank_node={r: f"node{r // nproc}" for r in range(nnodes * nproc)},
+            lease_renewal_s=config.lease_interval_s, emit=emit))
         coordinator.start()
     logging.getLogger(__name__).info(
         "job %s: %s, %d node(s) x %d worker(s), store %s:%d (%s)", job, mode, nnodes, nproc,
