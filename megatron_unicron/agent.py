@@ -155,7 +155,7 @@ class ExitPolicy(ABC):
 
     @abstractmethod
     def on_worker_exit(self, agent: NodeAgent, worker_exit: WorkerExit) -> Reaction:
-        """React to ``worker_exit`` (it may call ``agent.report_fault`` or ``agent.restart_worker``)."""
+        """React to ``worker_exit`` (it may call ``agent.restart_worker`` or ``agent.kill_worker``)."""
 
     def on_idle(self, agent: NodeAgent) -> Ending | None:
         """Called on the agent's thread at least every poll interval; an ``Ending`` ends the attempt."""

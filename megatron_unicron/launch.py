@@ -16,7 +16,8 @@ Without ``--unicron`` a worker's death ends the group on every node, as with tor
 survivors keep running: each agent reports its workers' deaths and carries out restarts, and node rank
 0's launcher also runs the job's coordinator (``coordinator.py``), which turns fault reports and lost
 nodes into incidents and decisions, printing one ``unicron: incident ...`` line per incident. The job
-then ends when training is done (exit 0) or when the coordinator stops it (exit 1, the reason printed).
+then ends when training is done (exit 0) or when the coordinator stops it (the reason is printed; the
+exit status is a failed worker's as above, else 1).
 """
 
 from __future__ import annotations
