@@ -69,12 +69,12 @@ class Verdict:
 def latest_checkpoint(save: str | None) -> tuple[str | None, str]:
     """``(directory or None, how to resume)`` from Megatron's tracker file under ``save``."""
     if not save:
-        return None, "no checkpoint directory (--save) was configured: a relaunch starts from scratch"
+        return None, "relaunch from scratch (no checkpoint directory, --save, was configured)"
     try:
         with open(os.path.join(save, TRACKER), encoding="utf-8") as f:
             text = f.read().strip()
     except OSError:
-        return None, f"no checkpoint exists in {save}: a relaunch starts from scratch"
+        return None, f"relaunch from scratch (no checkpoint exists in {save})"
     what = "the release checkpoint" if text == "release" else f"the checkpoint of iteration {text}"
     return save, f"resume from {what} in {save} (--load {save})"
 
