@@ -4,14 +4,14 @@ One agent runs per node (inside ``unicron-run``). It meets the other nodes' agen
 (``node_group.NodeGroup``: registration, lease, the start of every launch attempt), starts
 ``nproc_per_node`` workers with torchrun's environment, and sees each exit the moment it happens. What
 an exit means is a pluggable ``ExitPolicy``: ``FailFastPolicy`` is torchrun (any failure ends the group
-on every node, which may then be restarted up to ``max_restarts`` times); ``KeepSurvivorsPolicy`` is the
-``--unicron`` mode's placeholder (the survivors keep running, the death is recorded in the store).
+on every node, which may then be restarted up to ``max_restarts`` times); ``unicron_policy.UnicronPolicy``
+is the ``--unicron`` mode (the survivors keep running, the death is reported to the coordinator, whose
+restart commands the agent carries out, until the job is done or stopped).
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import queue
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from megatron_unicron.node_group import AgentError, NodeGroup
-from megatron_unicron.store import JobKeys, Store, StoreError, append_record
+from megatron_unicron.store import JobKeys, Store, StoreError
 from megatron_unicron.workers import WorkerExit, WorkerProcess, stop_workers
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class AgentConfig:
     join_timeout_s: float = 600.0
     """How long to wait for the other nodes at registration and at each attempt's start."""
     lease_interval_s: float = 1.0
-    lease_timeout_s: float = 5.0
+    lease_timeout_s: float = 3.0
     """A peer whose lease is older than this is treated as gone while waiting for it."""
     poll_interval_s: float = 0.1
     """How often the store is polled for other nodes' news (local exits are seen at once)."""
@@ -132,12 +132,38 @@ class Reaction(enum.Enum):
     """End the worker group on every node (and restart it if restarts remain)."""
 
 
+class Outcome(enum.Enum):
+    """How an agent's run ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a launch attempt ended on this node: the outcome, its root-cause exit, and why."""
+
+    outcome: Outcome
+    root: WorkerExit | None = None
+    message: str = ""
+
+
 class ExitPolicy(ABC):
     """Decides what a worker's exit means; called on the agent's thread for every exit it did not cause."""
 
     @abstractmethod
     def on_worker_exit(self, agent: NodeAgent, worker_exit: WorkerExit) -> Reaction:
-        """React to ``worker_exit`` (it may call ``agent.report_fault`` or ``agent.restart_worker``)."""
+        """React to ``worker_exit`` (it may call ``agent.restart_worker`` or ``agent.kill_worker``)."""
+
+    def on_idle(self, agent: NodeAgent) -> Ending | None:
+        """Called on the agent's thread at least every poll interval; an ``Ending`` ends the attempt."""
+        return None
+
+    def on_all_exited(self, agent: NodeAgent, failed: list[WorkerExit]) -> Ending | None:
+        """Every current worker has exited (``failed``: those that failed, earliest first); None waits on."""
+        return Ending(Outcome.FAILED, failed[0]) if failed else Ending(Outcome.SUCCEEDED)
 
 
 class FailFastPolicy(ExitPolicy):
@@ -146,26 +172,6 @@ class FailFastPolicy(ExitPolicy):
     def on_worker_exit(self, agent: NodeAgent, worker_exit: WorkerExit) -> Reaction:
         """``FAIL_GROUP`` on a failure, else ``CONTINUE``."""
         return Reaction.FAIL_GROUP if worker_exit.failed else Reaction.CONTINUE
-
-
-class KeepSurvivorsPolicy(ExitPolicy):
-    """``--unicron`` placeholder: log a death, record it as a fault report, keep the survivors running."""
-
-    def on_worker_exit(self, agent: NodeAgent, worker_exit: WorkerExit) -> Reaction:
-        """Report failures to the store; never end the group."""
-        if worker_exit.failed:
-            log.warning("%s; survivors keep running", worker_exit.describe())
-            agent.report_fault(worker_exit)
-        return Reaction.CONTINUE
-
-
-class Outcome(enum.Enum):
-    """How an agent's run ended."""
-
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    STOPPED = "stopped"
-    ERROR = "error"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,7 +204,8 @@ class AgentResult:
             restarts = self.attempts - 1
             return [f"job {job} succeeded after {restarts} restart(s)"] if restarts else []
         if self.outcome is Outcome.FAILED and self.failures:
-            lines = [f"job {job} failed with exit status {rc}; failed rank(s), root cause first:"]
+            why = f" ({self.message})" if self.message else ""
+            lines = [f"job {job} failed with exit status {rc}{why}; failed rank(s), root cause first:"]
             return lines + [f"  {f.describe()}" for f in self.failures]
         return [f"job {job} ended: {self.message or self.outcome.value} (exit status {rc})"]
 
@@ -263,12 +270,19 @@ class NodeAgent:
         log.info("restarting rank %d", old.rank)
         return self._spawn(local_rank, extra_env or {})
 
-    def report_fault(self, worker_exit: WorkerExit) -> None:
-        """Append a fault report for ``worker_exit`` to the current generation's fault list in the store."""
-        record = json.loads(worker_exit.to_json())
-        record.update(kind="process_exit", job=self.config.job, generation=self.generation,
-                      t_fault=worker_exit.time, t_detected=time.time())
-        append_record(self.store, self.keys.gen(self.generation).faults, record)
+    def kill_worker(self, local_rank: int, grace_s: float = 0.0) -> None:
+        """Stop one worker (SIGKILL after ``grace_s`` for it to exit by itself) and wait until it is gone.
+
+        Its exit counts as caused by the agent (not reported). SIGKILL also ends a stopped process.
+        """
+        worker = self._workers.get(local_rank)
+        if worker is None or not worker.alive():
+            return
+        worker.stopped_at = time.time()
+        if grace_s > 0 and worker.wait(grace_s):
+            return
+        worker.signal(signal.SIGKILL)
+        worker.wait()
 
     # -------------------------------------------------------------------------------------- main loop
 
@@ -304,7 +318,8 @@ class NodeAgent:
         log.info("starting %d worker(s), attempt %d", self.config.nproc_per_node, self.attempt)
         for local_rank in range(self.config.nproc_per_node):
             self._spawn(local_rank, {})
-        outcome, root = self._supervise()
+        ending = self._supervise()
+        outcome, root = ending.outcome, ending.root
         stop_workers(list(self._workers.values()), self.config.shutdown_timeout_s)
         log.debug("attempt %d ended here: %s", self.attempt, outcome.value)
         if outcome is Outcome.SUCCEEDED and self.config.nnodes > 1:
@@ -312,6 +327,10 @@ class NodeAgent:
             outcome = Outcome.FAILED if root is not None else Outcome.SUCCEEDED
         if outcome is Outcome.SUCCEEDED:
             return AgentResult(outcome=outcome, attempts=self.attempt + 1)
+        if ending.message:  # ended by the policy (e.g. the job was stopped)
+            failures = self._failures(root) if root is not None else ()
+            return AgentResult(outcome=outcome, attempts=self.attempt + 1, failures=failures,
+                               message=ending.message)
         failures = self._failures(root)
         if self.attempt < self.config.max_restarts and self.config.mode == "torchrun":
             cause = failures[0].describe() if failures else "failure"
@@ -321,7 +340,7 @@ class NodeAgent:
             return None
         return AgentResult(outcome=Outcome.FAILED, attempts=self.attempt + 1, failures=failures)
 
-    def _supervise(self) -> tuple[Outcome, WorkerExit | None]:
+    def _supervise(self) -> Ending:
         """Until the attempt ends here: react to local exits, watch the store for the group's failure."""
         seen: set[int] = set()  # id() of the workers whose exit was handled
         next_poll = 0.0
@@ -329,20 +348,24 @@ class NodeAgent:
             item = self._next_event(self.config.poll_interval_s)
             if isinstance(item, _Exited) and self._workers.get(item.worker.local_rank) is item.worker:
                 seen.add(id(item.worker))
-                if item.worker.stopped_by_agent:
-                    continue
-                if self.policy.on_worker_exit(self, item.exit) is Reaction.FAIL_GROUP:
-                    return Outcome.FAILED, self.group.publish_failure(self.attempt, item.exit)
+                if not item.worker.stopped_by_agent and (
+                        self.policy.on_worker_exit(self, item.exit) is Reaction.FAIL_GROUP):
+                    return Ending(Outcome.FAILED, self.group.publish_failure(self.attempt, item.exit))
             if all(id(w) in seen for w in self._workers.values()):
                 # Judged on the current workers: a failed worker the policy restarted does not count.
                 failed = sorted((w.exit for w in self._workers.values() if w.exit and w.exit.failed),
                                 key=lambda e: e.time)
-                return (Outcome.FAILED, failed[0]) if failed else (Outcome.SUCCEEDED, None)
+                ending = self.policy.on_all_exited(self, failed)
+                if ending is not None:
+                    return ending
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self.config.poll_interval_s
                 root = self.group.failure(self.attempt)
                 if root is not None:
-                    return Outcome.FAILED, root
+                    return Ending(Outcome.FAILED, root)
+                ending = self.policy.on_idle(self)
+                if ending is not None:
+                    return ending
 
     def _next_event(self, timeout: float) -> object:
         if self._stop_requested:
@@ -398,7 +421,11 @@ class NodeAgent:
 
 def default_policy(mode: str) -> ExitPolicy:
     """The exit policy of a launcher mode."""
-    return KeepSurvivorsPolicy() if mode == "unicron" else FailFastPolicy()
+    if mode == "unicron":
+        from megatron_unicron.unicron_policy import UnicronPolicy  # it builds on this module
+
+        return UnicronPolicy()
+    return FailFastPolicy()
 
 
 SIGNALS_TO_FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)

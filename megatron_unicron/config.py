@@ -52,12 +52,20 @@ class DetectionConfig:
     """Process groups' own operation timeout with --unicron: how long an abandoned, stuck operation may
     linger before its group is released (adaptive timeouts detect hangs long before)."""
 
+    escalation_window_s: float = 60.0
+    """The same fault (kind and rank) again within this many seconds is graded one severity up."""
+
+    resume_timeout_s: float = 120.0
+    """A recovery whose new generation has not trained a step after this many seconds is escalated."""
+
     def __post_init__(self) -> None:
-        for name in ("lease_interval_s", "lease_ttl_s", "warmup_floor_s", "min_timeout_s", "pg_timeout_s"):
+        positive = ("lease_interval_s", "lease_ttl_s", "warmup_floor_s", "min_timeout_s", "pg_timeout_s")
+        for name in (*positive, "resume_timeout_s"):
             value = getattr(self, name)
             _require(value > 0, name, value, "must be a positive number of seconds")
-        _require(self.grace_window_s >= 0, "grace_window_s", self.grace_window_s,
-                 "must be zero or a positive number of seconds")
+        for name in ("grace_window_s", "escalation_window_s"):
+            value = getattr(self, name)
+            _require(value >= 0, name, value, "must be zero or a positive number of seconds")
         _require(self.lease_ttl_s > self.lease_interval_s, "lease_ttl_s", self.lease_ttl_s,
                  f"must be longer than lease_interval_s ({self.lease_interval_s}), "
                  "or every lease expires between two renewals")

@@ -13,7 +13,11 @@ Exit status (torchrun always exits 1 on failure; this launcher says what happene
 1 for a launcher error (a peer node lost, the store unreachable); 2 for bad command-line input.
 
 Without ``--unicron`` a worker's death ends the group on every node, as with torchrun. With it the
-survivors keep running and the death is recorded in the store for the in-band detection to act on.
+survivors keep running: each agent reports its workers' deaths and carries out restarts, and node rank
+0's launcher also runs the job's coordinator (``coordinator.py``), which turns fault reports and lost
+nodes into incidents and decisions, printing one ``unicron: incident ...`` line per incident. The job
+then ends when training is done (exit 0) or when the coordinator stops it (the reason is printed; the
+exit status is a failed worker's as above, else 1).
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--join-timeout", type=float, default=600.0,
                    help="seconds to wait for the other nodes (default 600)")
     p.add_argument("--unicron", action="store_true",
-                   help="self-healing mode: keep the survivors of a worker's death and report it")
+                   help="self-healing mode: report failures to the job's coordinator (run by node rank 0), "
+                        "which restarts failed workers or stops the job")
     p.add_argument("-m", "--module", action="store_true", help="run the script as a module (python -m)")
     p.add_argument("--no-python", "--no_python", action="store_true",
                    help="execute the script directly instead of with this Python")
@@ -187,6 +192,20 @@ def _run(
         mode=mode, shutdown_timeout_s=args.shutdown_timeout, join_timeout_s=args.join_timeout, base_env=env,
     )
     agent = NodeAgent(config, store, default_policy(mode))
+    coordinator = None
+    if args.unicron and args.node_rank == 0:
+        from megatron_unicron.coordinator import Coordinator, CoordinatorThread
+        from megatron_unicron.protocol import JobChannel
+
+        def emit(line: str) -> None:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+        coordinator = CoordinatorThread(Coordinator(
+            JobChannel(store.clone(), agent.keys), nodes=[f"node{k}" for k in range(nnodes)],
+            rank_node={r: f"node{r // nproc}" for r in range(nnodes * nproc)},
+            lease_renewal_s=config.lease_interval_s, emit=emit))
+        coordinator.start()
     logging.getLogger(__name__).info(
         "job %s: %s, %d node(s) x %d worker(s), store %s:%d (%s)", job, mode, nnodes, nproc,
         args.master_addr, store.address[1], "hosted here" if args.node_rank == 0 else "node0's")
@@ -200,6 +219,8 @@ def _run(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if coordinator is not None:
+            coordinator.stop()
         store.close()
     for line in result.summary(job):
         sys.stderr.write(f"{PROG}: {line}\n")

@@ -192,9 +192,11 @@ def test_lost_node_launcher_takes_its_workers_and_fails_the_job(jobs: JobRunner)
 def test_unicron_mode_keeps_survivors_and_records_the_death(jobs: JobRunner) -> None:
     result = jobs.run([jobs.worker("survive.py"), "1"], nproc_per_node=3, launcher_args=["--unicron"])
     lines = set(result.stdout.splitlines())
-    expected = "alive in mode unicron: store has process_exit of rank 1 with returncode 3"
+    expected = "alive in mode unicron: store has exited of rank 1 with exit code 3"
     assert {f"rank 0 {expected}", f"rank 2 {expected}"} <= lines, result.output
     assert "survivors keep running" in result.stderr
+    # The script speaks no unicron protocol (no job config), so the coordinator stops the job.
+    assert "never posted the job's unicron config" in result.stderr, result.output
     assert result.returncode == 3  # the death still decides the exit status
     assert result.survivors == ()
 

@@ -19,4 +19,4 @@ while not (faults := [r for r in read_records(store, key) if r["rank"] == victim
     time.sleep(0.05)
 time.sleep(1.0)  # still alive well after the death was handled
 print(f"rank {rank} alive in mode {os.environ.get('UNICRON_MODE')}: store has {faults[0]['kind']} of rank "
-      f"{victim} with returncode {faults[0]['returncode']}", flush=True)
+      f"{victim} with exit code {faults[0]['exit_code']}", flush=True)

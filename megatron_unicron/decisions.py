@@ -1,0 +1,176 @@
+"""What the coordinator does about a graded incident (pure code: it returns, the coordinator carries out).
+
+=========  ==========================================================================================
+severity   verdict
+=========  ==========================================================================================
+SEV3       ``reattempt``: generation g+1 with the same members and layout; live = every live rank
+SEV2       ``restart``: generation g+1 with the same members; ``restart`` = the failed ranks (the dead,
+           the hung, the rank that raised); one agent command per node,
+           ``{"op": "restart", "ranks": [...], "generation": g+1, "kill_first": bool}`` (kill first
+           when one of those processes is still alive, e.g. a stopped one)
+SEV1       ``plan_fn(job_state, lost_nodes)`` when given (the seam for live reconfiguration); without
+           it, or when it returns None: ``stop``, with a reason naming the lost node (or the failed
+           device's rank) and the newest checkpoint (``<save>/latest_checkpointed_iteration.txt``)
+=========  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_unicron.events import Action, Decision, ErrorKind, LayoutSpec, Severity
+from megatron_unicron.incidents import Incident, JobSettings, WorkerState
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobState:
+    """A job as the planner sees it when a SEV1 incident asks for a new plan."""
+
+    job: str
+    generation: int
+    layout: LayoutSpec
+    members: tuple[int, ...]
+    live: tuple[int, ...]
+    rank_node: Mapping[int, str]
+    iteration: int | None
+    save: str | None
+
+
+PlanFn = Callable[[JobState, frozenset[str]], Decision | None]
+"""``plan_fn(job_state, lost_nodes)``: a ``reconfigure`` decision for generation g+1, or None to stop."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """The decision for an incident and what must be sent to make it happen."""
+
+    incident: Incident
+    decision: Decision
+    ranks: tuple[int, ...]
+    """The ranks the incident is about (restarted, hung, lost with their node)."""
+    node: str
+    commands: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Agent commands by node, sent before the decision is published."""
+    stop_reason: str = ""
+    checkpoint: str | None = None
+    """The directory to resume from, when the job stops and a checkpoint exists."""
+
+    @property
+    def action(self) -> Action:
+        """The decision's action."""
+        return self.decision.action
+
+
+def latest_checkpoint(save: str | None) -> tuple[str | None, str]:
+    """``(directory or None, how to resume)`` from Megatron's tracker file under ``save``."""
+    if not save:
+        return None, "relaunch from scratch (no checkpoint directory, --save, was configured)"
+    try:
+        with open(os.path.join(save, TRACKER), encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError:
+        return None, f"relaunch from scratch (no checkpoint exists in {save})"
+    what = "the release checkpoint" if text == "release" else f"the checkpoint of iteration {text}"
+    return save, f"resume from {what} in {save} (--load {save})"
+
+
+def stop_reason(incident: Incident, settings: JobSettings) -> tuple[str, str | None]:
+    """Why the job stops and how to resume it: ``(reason, checkpoint directory or None)``."""
+    root = incident.root
+    at = f" at iteration {incident.iteration}" if incident.iteration is not None else ""
+    if root.kind is ErrorKind.LOST_NODE:
+        ranks = ", ".join(map(str, settings.ranks_on(root.node))) or "none"
+        what = f"{root.node} was lost (its agent stopped renewing its lease; rank(s) {ranks}){at}"
+    elif incident.escalated == "not-resumed":
+        what = f"the recovery from {root.kind.value} on rank {root.rank} ({root.node}) did not resume{at}"
+    elif incident.escalated:
+        what = (f"rank {root.rank} on {root.node} failed again ({root.kind.value}, escalated to "
+                f"{incident.severity.name}){at}")
+    else:
+        detail = f": {root.message}" if root.message else ""
+        what = f"the device of rank {root.rank} on {root.node} failed ({root.kind.value}{detail}){at}"
+    checkpoint, resume = latest_checkpoint(settings.save)
+    return f"{what}; isolate {root.node}, then {resume}", checkpoint
+
+
+def _alive(rank: int, states: Mapping[int, WorkerState]) -> bool:
+    return rank not in states or states[rank].alive
+
+
+def restart_targets(
+    incident: Incident, members: Sequence[int], states: Mapping[int, WorkerState]
+) -> list[int]:
+    """The ranks a SEV2 incident restarts: dead members, hung ranks, and the root's rank."""
+    targets = {e.rank for e in incident.events if e.rank is not None and (
+        e.kind is ErrorKind.EXITED or (e.kind is ErrorKind.TASK_HANG and e.source == "coordinator"))}
+    targets |= {r for r in members if r in states and not states[r].alive}
+    if incident.root.rank is not None:
+        targets.add(incident.root.rank)
+    return sorted(targets)
+
+
+def decide(
+    incident: Incident, settings: JobSettings, *, generation: int, members: Sequence[int],
+    states: Mapping[int, WorkerState], lost_nodes: frozenset[str], progress: Mapping[int, int],
+    plan_fn: PlanFn | None = None, targets: Sequence[int] | None = None,
+) -> Verdict:
+    """The verdict for ``incident`` in ``generation`` (the decision forms ``generation + 1``).
+
+    ``targets`` overrides the ranks a restart acts on (the ranks that did not resume, when a recovery
+    is escalated for not resuming).
+    """
+    root = incident.root
+    lost_ranks = {r for r, n in settings.rank_node.items() if n in lost_nodes}
+    live = tuple(sorted(set(members) | {r for r, n in settings.rank_node.items()
+                                        if r not in lost_ranks and _alive(r, states)}))
+    resume = min((progress[r] for r in members if r in progress), default=None)
+
+    def make(action: Action, reason: str, restart: Sequence[int] = (), keep: Sequence[int] = members,
+             alive: Sequence[int] = live) -> Decision:
+        return Decision(job=settings.job, generation=generation + 1, action=action, incident=str(incident.id),
+                        layout=settings.layout, members=tuple(keep), live=tuple(alive),
+                        restart=tuple(restart), rank_node=dict(settings.rank_node), resume_iteration=resume,
+                        reason=reason)
+
+    if incident.severity is Severity.SEV3:
+        reason = f"reattempt after {root.kind.value}"
+        return Verdict(incident=incident, decision=make(Action.REATTEMPT, reason),
+                       ranks=_ranks_of(incident, settings), node=root.node)
+    if incident.severity is Severity.SEV2:
+        chosen = sorted(targets) if targets is not None else restart_targets(incident, members, states)
+        commands: dict[str, dict[str, Any]] = {}
+        for rank in chosen:
+            cmd = commands.setdefault(settings.rank_node[rank], {
+                "op": "restart", "ranks": [], "generation": generation + 1, "kill_first": False})
+            cmd["ranks"].append(rank)
+            cmd["kill_first"] = cmd["kill_first"] or _alive(rank, states)
+        reason = f"restart rank(s) {', '.join(map(str, chosen))} after {root.kind.value}"
+        return Verdict(incident=incident, decision=make(Action.RESTART, reason, restart=chosen),
+                       ranks=tuple(chosen), node=root.node, commands=commands)
+    lost = frozenset(lost_nodes | {root.node})
+    survivors = tuple(r for r in live if r not in lost_ranks)
+    if plan_fn is not None:
+        state = JobState(job=settings.job, generation=generation, layout=settings.layout,
+                         members=tuple(members), live=survivors, rank_node=dict(settings.rank_node),
+                         iteration=resume, save=settings.save)
+        planned = plan_fn(state, lost)
+        if planned is not None:
+            return Verdict(incident=incident, decision=planned, ranks=_ranks_of(incident, settings),
+                           node=root.node)
+    reason, checkpoint = stop_reason(incident, settings)
+    return Verdict(incident=incident, decision=make(Action.STOP, reason, keep=(), alive=survivors),
+                   ranks=_ranks_of(incident, settings), node=root.node, stop_reason=reason,
+                   checkpoint=checkpoint)
+
+
+def _ranks_of(incident: Incident, settings: JobSettings) -> tuple[int, ...]:
+    root = incident.root
+    if root.rank is None:
+        return settings.ranks_on(root.node)
+    hung = {e.rank for e in incident.events if e.source == "coordinator" and e.rank is not None}
+    return tuple(sorted(hung | {root.rank}))
