@@ -17,6 +17,7 @@ Every step of the training loop (an iteration, an evaluation, a checkpoint save)
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+EXIT_REPLACED = 75  # a process the coordinator restarts leaves with this code (EX_TEMPFAIL)
 
 
 class JobStopped(UnicronError):
@@ -156,6 +158,8 @@ class Healer:
             if decision is None or decision.action is Action.STOP:
                 self._stop(decision)
             assert decision is not None
+            if self.launch_rank in decision.restart:
+                self._make_way(decision)
             try:
                 report = self.follow(decision, broken=broken)
             except Exception as again:  # a failure while recovering: report it, wait for the next decision
@@ -195,6 +199,15 @@ class Healer:
                 flush=True,
             )
         return report
+
+    def _make_way(self, decision: Decision) -> None:
+        """This process is to be replaced by a fresh one: leave at once (its agent restarts the rank)."""
+        logger.warning(
+            "unicron: rank %d is restarted for generation %d; exiting", self.launch_rank, decision.generation
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_REPLACED)
 
     def _stop(self, decision: Decision | None) -> None:
         stopped = self.channel.stopped()

@@ -33,7 +33,14 @@ from megatron_unicron.megatron import state as mstate
 from megatron_unicron.megatron.guard import RngState, restore_scheduler
 from megatron_unicron.store import Store
 from megatron_unicron.transition import exchange
-from megatron_unicron.transition.transfer_plan import Holding, Need, SourceKind, Tier, plan_transfer
+from megatron_unicron.transition.transfer_plan import (
+    Holding,
+    Need,
+    SourceKind,
+    Tier,
+    UncoveredError,
+    plan_transfer,
+)
 
 if TYPE_CHECKING:
     from megatron_unicron.megatron.guard import StepGuard
@@ -111,6 +118,35 @@ def _align(trainer: Trainer, guard: StepGuard, target: int, in_flight: bool) -> 
 
 def _clip(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
     return mstate.clip_to(box, shape)
+
+
+def _from_checkpoint(
+    trainer: Trainer,
+    decision: Decision,
+    new_rank: int | None,
+    seconds: dict[str, float],
+    lap: Any,
+    why: str,
+) -> TransitionReport:
+    from megatron_unicron.megatron import checkpoint
+
+    save = trainer.args.save
+    if not save or checkpoint.read_tracker(save) is None:
+        raise RuntimeError(f"state lost and no checkpoint to fall back to ({why}); configure --save")
+    logger.warning("unicron: %s; every member reloads the newest checkpoint in %s", why, save)
+    if new_rank is not None:
+        checkpoint.load(save, trainer, trainer.args)
+    lap("checkpoint")
+    return TransitionReport(
+        generation=decision.generation,
+        layout=str(decision.layout),
+        member=new_rank is not None,
+        resume_iteration=trainer.progress.iteration,
+        seconds=seconds,
+        bytes_moved=0,
+        bytes_needed=0,
+        bytes_by_tier={"checkpoint": 1},
+    )
 
 
 def run_transition(
@@ -199,7 +235,13 @@ def run_transition(
                 if r == me and targets is not None:
                     local = tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, meta.box))
                     target_views.append((j, targets.tensors[j][local]))
-    plan = plan_transfer(holdings, needs, rank_node)
+    try:
+        plan = plan_transfer(holdings, needs, rank_node)
+    except UncoveredError as uncovered:
+        # Some shard has no live copy (e.g. a dead rank without a DP replica): every process sees the same
+        # hole, so all members reload the newest persistent checkpoint together (state stays consistent).
+        lap("plan")
+        return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))
     lap("plan")
 
     channel: Any = None
