@@ -238,6 +238,7 @@ class NodeAgent:
             store, self.keys, node_rank=config.node_rank, nnodes=config.nnodes,
             join_timeout_s=config.join_timeout_s, lease_interval_s=config.lease_interval_s,
             lease_timeout_s=config.lease_timeout_s, poll_interval_s=config.poll_interval_s, idle=self._idle,
+            tolerate_lost_nodes=config.mode == "unicron",
         )
         self._workers: dict[int, WorkerProcess] = {}
         self._events: queue.SimpleQueue[object] = queue.SimpleQueue()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megatron_unicron.events import Action, Decision, ErrorKind, LayoutSpec, Severity
@@ -160,6 +160,7 @@ def decide(
                          iteration=resume, save=settings.save)
         planned = plan_fn(state, lost)
         if planned is not None:
+            planned = replace(planned, incident=str(incident.id))
             return Verdict(incident=incident, decision=planned, ranks=_ranks_of(incident, settings),
                            node=root.node)
     reason, checkpoint = stop_reason(incident, settings)

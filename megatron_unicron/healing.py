@@ -158,7 +158,7 @@ class Healer:
             if decision is None or decision.action is Action.STOP:
                 self._stop(decision)
             assert decision is not None
-            if self.launch_rank in decision.restart:
+            if self.launch_rank in decision.restart or self.launch_rank not in decision.live:
                 self._make_way(decision)
             try:
                 report = self.follow(decision, broken=broken)
@@ -201,9 +201,10 @@ class Healer:
         return report
 
     def _make_way(self, decision: Decision) -> None:
-        """This process is to be replaced by a fresh one: leave at once (its agent restarts the rank)."""
+        """This process is replaced by a fresh one, or excluded (a bad device): leave at once."""
+        why = "restarted" if self.launch_rank in decision.restart else "excluded"
         logger.warning(
-            "unicron: rank %d is restarted for generation %d; exiting", self.launch_rank, decision.generation
+            "unicron: rank %d is %s for generation %d; exiting", self.launch_rank, why, decision.generation
         )
         for handler in logging.getLogger().handlers:
             handler.flush()

@@ -201,10 +201,13 @@ def _run(
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
 
+        from megatron_unicron.replan import make_plan_fn
+
+        channel = JobChannel(store.clone(), agent.keys)
         coordinator = CoordinatorThread(Coordinator(
-            JobChannel(store.clone(), agent.keys), nodes=[f"node{k}" for k in range(nnodes)],
+            channel, nodes=[f"node{k}" for k in range(nnodes)],
             rank_node={r: f"node{r // nproc}" for r in range(nnodes * nproc)},
-            lease_renewal_s=config.lease_interval_s, emit=emit))
+            plan_fn=make_plan_fn(channel.config), lease_renewal_s=config.lease_interval_s, emit=emit))
         coordinator.start()
     logging.getLogger(__name__).info(
         "job %s: %s, %d node(s) x %d worker(s), store %s:%d (%s)", job, mode, nnodes, nproc,

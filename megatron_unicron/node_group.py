@@ -52,10 +52,13 @@ class NodeGroup:
     def __init__(
         self, store: Store, keys: JobKeys, *, node_rank: int, nnodes: int, join_timeout_s: float,
         lease_interval_s: float, lease_timeout_s: float, poll_interval_s: float,
-        idle: Callable[[float], None],
+        idle: Callable[[float], None], tolerate_lost_nodes: bool = False,
     ) -> None:
         self.store = store
         self.keys = keys
+        # --unicron: a lost node is the coordinator's business (the job goes on without it), so waits
+        # for every node skip a node whose lease expired instead of failing on it.
+        self.tolerate_lost_nodes = tolerate_lost_nodes
         self.node_rank = node_rank
         self.node = f"node{node_rank}"
         self.nodes = [f"node{k}" for k in range(nnodes)]
@@ -197,12 +200,15 @@ class NodeGroup:
     def _settled(self, key_of: Callable[[str], str]) -> bool:
         """Whether every node set ``key_of(node)``; raise if a node we wait for is gone."""
         pending = [n for n in self.nodes if not self.store.check([key_of(n)])]
-        for node in pending:
+        for node in list(pending):
             left = self.store.try_get(self.keys.left(node))
             if left is not None:
                 raise AgentError(f"{node} left the job ({left.decode()})")
             age = lease_age(self.store, self.keys.lease(node))
             if age is not None and age > self.lease_timeout_s:
+                if self.tolerate_lost_nodes:
+                    pending.remove(node)
+                    continue
                 raise AgentError(f"{node} is gone (its lease expired {age:.1f}s ago)")
         return not pending
 

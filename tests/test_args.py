@@ -73,6 +73,7 @@ MEGATRON_LM_DEFAULTS: dict[str, object] = {
     "pipeline_model_parallel_size": 1,          # P
     "use_distributed_optimizer": False,         # A _add_distributed_args
     "overlap_grad_reduce": False,               # A
+    "use_tp_pp_dp_mapping": False,              # A
     "bf16": False,                              # P
     "fp16": False,                              # P
     "distributed_timeout_minutes": 10,          # A
@@ -429,7 +430,8 @@ FROZEN_MEGATRON_FLAGS = frozenset("""
 --normalization --swiglu --disable-bias-linear --untie-embeddings-and-output-weights --hidden-dropout
 --attention-dropout --init-method-std --transformer-impl --tokenizer-type --vocab-file --merge-file
 --vocab-size --make-vocab-size-divisible-by --tensor-model-parallel-size --pipeline-model-parallel-size
---use-distributed-optimizer --overlap-grad-reduce --bf16 --fp16 --distributed-timeout-minutes
+--use-distributed-optimizer --overlap-grad-reduce --use-tp-pp-dp-mapping --bf16 --fp16
+--distributed-timeout-minutes
 --micro-batch-size --global-batch-size --train-iters --exit-interval --seed --lr --min-lr --lr-decay-style
 --lr-decay-iters --lr-warmup-iters --lr-warmup-fraction --weight-decay --clip-grad --adam-beta1
 --adam-beta2 --adam-eps --data-path --split --mock-data --data-cache-path --save --load --save-interval

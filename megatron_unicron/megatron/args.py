@@ -165,6 +165,12 @@ class MegatronArgs:
     overlap_grad_reduce: bool = _arg(
         False, help="Overlap the gradient reduction with the backward pass.", group=PARALLEL
     )
+    use_tp_pp_dp_mapping: bool = _arg(
+        False,
+        help="Rank order tp-cp-ep-pp-dp instead of tp-cp-ep-dp-pp (consecutive ranks form pipelines, so "
+        "DP replicas of a stage sit on different nodes; always on with --unicron).",
+        group=PARALLEL,
+    )
     bf16: bool = _arg(False, help="Train in bfloat16 mixed precision.", group=PARALLEL, section=MP)
     fp16: bool = _arg(False, help="Train in float16 mixed precision.", group=PARALLEL, section=MP)
     distributed_timeout_minutes: int = _arg(

@@ -85,11 +85,15 @@ def init_world(
         dist.distributed_c10d._set_pg_timeout(op_timeout, dist.group.WORLD)
 
 
-def init_model_parallel(tp: int, pp: int, timeout: timedelta) -> ParallelCoords:
+DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+PIPELINES_FIRST_ORDER = "tp-cp-ep-pp-dp"  # consecutive ranks form a pipeline: DP replicas on other nodes
+
+
+def init_model_parallel(tp: int, pp: int, timeout: timedelta, order: str = DEFAULT_ORDER) -> ParallelCoords:
     """Initialise megatron's model-parallel groups for (TP, PP) over the current world.
 
     Every megatron sub-group gets ``timeout`` (megatron's own default is 30 minutes whatever the world
-    group's timeout is).
+    group's timeout is). ``order`` is megatron's rank order.
     """
     from megatron.core import parallel_state as ps
 
@@ -98,6 +102,7 @@ def init_model_parallel(tp: int, pp: int, timeout: timedelta) -> ParallelCoords:
         pipeline_model_parallel_size=pp,
         distributed_timeout_minutes=timeout.total_seconds() / 60,
         create_gloo_process_groups=False,
+        order=order,
     )
     cpu.apply()
     return current_coords()

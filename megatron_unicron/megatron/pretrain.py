@@ -48,7 +48,7 @@ def configure_logging(rank: int) -> None:
     logging.getLogger("megatron.core.datasets.gpt_dataset").setLevel(logging.ERROR)
 
 
-def job_config(args: MegatronArgs, env: WorkerEnv) -> dict[str, object]:
+def job_config(args: MegatronArgs, env: WorkerEnv, vocab_size: int) -> dict[str, object]:
     """What the coordinator needs to know about the job (posted once by launch rank 0)."""
     incident_log = args.unicron.incident_log or os.path.join(
         args.save or os.getcwd(), "unicron_incidents.jsonl"
@@ -63,6 +63,23 @@ def job_config(args: MegatronArgs, env: WorkerEnv) -> dict[str, object]:
         "layout": {"tp": tp, "pp": pp, "dp": env.world_size // (tp * pp)},
         "train_iters": args.train_iters,
         "rank_node": {str(r): f"node{r // local}" for r in range(env.world_size)},
+        "gpus_per_node": local,
+        "global_batch_size": args.global_batch_size,
+        "micro_batch_size": args.micro_batch_size,
+        "use_distributed_optimizer": args.use_distributed_optimizer,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "model": {
+            "num_layers": args.num_layers,
+            "hidden_size": args.hidden_size,
+            "num_attention_heads": args.num_attention_heads,
+            "num_query_groups": args.num_query_groups,
+            "ffn_hidden_size": args.ffn_hidden_size,
+            "vocab_size": vocab_size,
+            "seq_length": args.seq_length,
+            "swiglu": args.swiglu,
+            "untie_embeddings_and_output_weights": args.untie_embeddings_and_output_weights,
+            "make_vocab_size_divisible_by": args.make_vocab_size_divisible_by,
+        },
     }
 
 
@@ -130,7 +147,7 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
                 generation=0, injector=injector,  # type: ignore[arg-type]
             )  # fmt: skip
             if env.rank == 0 and not os.environ.get("UNICRON_RESTARTED"):
-                channel.post_config(job_config(args, env))
+                channel.post_config(job_config(args, env, trainer.tokenizer.vocab_size))
         _start(trainer, healer, env, args)
         trainer.train(attempt=healer.attempt if healer is not None else None)
         if channel is not None:

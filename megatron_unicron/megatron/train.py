@@ -140,7 +140,10 @@ class Trainer:
         """Create the world and megatron groups, then the model, optimizer and scheduler for (TP, PP)."""
         store = self.store.c10d_store
         groups.init_world(store, self.store_prefix(number), rank, world_size, self.timeout, self.op_timeout)
-        coords = groups.init_model_parallel(tp, pp, self.op_timeout)
+        # With --unicron, DP replicas of a stage go to different nodes (a lost node keeps a copy).
+        pipelines_first = self.args.use_tp_pp_dp_mapping or self.args.unicron.enabled
+        order = groups.PIPELINES_FIRST_ORDER if pipelines_first else groups.DEFAULT_ORDER
+        coords = groups.init_model_parallel(tp, pp, self.op_timeout, order)
         groups.seed_everything(self.args.seed, coords)
         self.padded_vocab_size = self.vocab_size_for(tp)
         bundle = build_model_bundle(self.args, coords, self.padded_vocab_size)
