@@ -101,8 +101,13 @@ def state_request(bundle: ModelBundle, args: MegatronArgs, *, for_loading: bool)
     return request
 
 
-def capture(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
-    """Clone this rank's whole state to CPU memory; no communication."""
+def live_shards(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
+    """This rank's state *without copying*: the tensors are views of live parameters and Adam state.
+
+    They change at every optimizer step: copy them before the next step (snapshots) or clone them
+    (:func:`capture`). The list stays valid for a layout once the optimizer has stepped once (torch
+    allocates Adam's state at its first step, then updates it in place). No communication.
+    """
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
@@ -114,12 +119,23 @@ def capture(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
     for item in nested_values(sharded):
         if isinstance(item, ShardedTensor):
             box = sharded_box(item)
-            data = item.data.detach().to("cpu", copy=True).reshape([b - a for a, b in box])
+            data = item.data.detach().reshape([b - a for a, b in box])
             metas.append(ShardMeta(item.key, box, tuple(item.global_shape), data.dtype))
             tensors.append(data)
         elif isinstance(item, ShardedObject):
-            objects[(item.key, tuple(item.global_offset))] = copy.deepcopy(item.data)
-    return CapturedState(metas=metas, tensors=tensors, objects=objects, common=copy.deepcopy(common))
+            objects[(item.key, tuple(item.global_offset))] = item.data
+    return CapturedState(metas=metas, tensors=tensors, objects=objects, common=common)
+
+
+def capture(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
+    """Clone this rank's whole state to CPU memory; no communication."""
+    live = live_shards(bundle, args)
+    return CapturedState(
+        metas=live.metas,
+        tensors=[t.to("cpu", copy=True) for t in live.tensors],
+        objects=copy.deepcopy(live.objects),
+        common=copy.deepcopy(live.common),
+    )
 
 
 def prepare_targets(bundle: ModelBundle, args: MegatronArgs) -> Targets:

@@ -126,6 +126,10 @@ class Trainer:
         self.generation: Generation | None = None
         self.reporter: TrainingReporter | None = None
         self.guard = StepGuard(enabled=args.unicron.enabled)
+        # Hooks of other parts (e.g. in-memory snapshots): before the optimizer step of an iteration,
+        # and after an iteration committed (the step returned and progress advanced).
+        self.before_step_hooks: list[Callable[[], None]] = []
+        self.after_commit_hooks: list[Callable[[], None]] = []
 
     def vocab_size_for(self, tp: int) -> int:
         """Megatron-LM's padded vocabulary for a TP degree (the padding depends on TP)."""
@@ -269,6 +273,8 @@ class Trainer:
         losses = self._forward_backward(batches, forward_only=False)
         loss = self._reduce_loss(losses)
         self.guard.before_step(bundle, self.progress)
+        for hook in self.before_step_hooks:
+            hook()
         # The commit point: after the step returns nothing else communicates in this iteration.
         with self.phases.inside(Phase.OPTIMIZER):
             update_successful, grad_norm, _ = bundle.optimizer.step()
@@ -277,6 +283,8 @@ class Trainer:
         self.progress.iteration += 1
         self.progress.consumed_train_samples += self.args.global_batch_size
         self.progress.floating_point_operations += gpt_flops_per_iteration(self.args, self.padded_vocab_size)
+        for hook in self.after_commit_hooks:
+            hook()
         return IterationStats(
             iteration=self.progress.iteration,
             lm_loss=loss,
