@@ -315,10 +315,17 @@ class NodeAgent:
 
     def _run_attempt(self) -> AgentResult | None:
         """One launch attempt; None means: restart the group."""
-        self.group.open_attempt(self.attempt)
-        log.info("starting %d worker(s), attempt %d", self.config.nproc_per_node, self.attempt)
-        for local_rank in range(self.config.nproc_per_node):
-            self._spawn(local_rank, {})
+        if self.group.rejoined:
+            # A lost node back in a running job: its workers join the next generation the coordinator
+            # plans for them, state from their peers (the job's attempt opened long ago).
+            log.info("rejoining a running job: starting %d worker(s)", self.config.nproc_per_node)
+            for local_rank in range(self.config.nproc_per_node):
+                self._spawn(local_rank, {"UNICRON_JOINING": "1"})
+        else:
+            self.group.open_attempt(self.attempt)
+            log.info("starting %d worker(s), attempt %d", self.config.nproc_per_node, self.attempt)
+            for local_rank in range(self.config.nproc_per_node):
+                self._spawn(local_rank, {})
         ending = self._supervise()
         outcome, root = ending.outcome, ending.root
         stop_workers(list(self._workers.values()), self.config.shutdown_timeout_s)

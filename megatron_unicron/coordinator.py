@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from megatron_unicron.config import DetectionConfig
-from megatron_unicron.decisions import PlanFn, Verdict, decide
+from megatron_unicron.decisions import JobState, PlanFn, Verdict, decide
 from megatron_unicron.events import Action, ErrorKind, FaultEvent
 from megatron_unicron.incident_log import append_line, incident_record, resumed_line, summary_line
 from megatron_unicron.incidents import (
@@ -100,6 +100,7 @@ class Coordinator:
         self, channel: JobChannel, *, nodes: Sequence[str], rank_node: Mapping[int, str],
         host_node: str = "node0", plan_fn: PlanFn | None = None, lease_renewal_s: float = 1.0,
         emit: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
+        scale_fn: PlanFn | None = None,
     ) -> None:
         self.channel = channel
         self.job = channel.keys.job
@@ -107,12 +108,14 @@ class Coordinator:
         self.launch_rank_node = dict(rank_node)
         self.host_node = host_node
         self.plan_fn = plan_fn
+        self.scale_fn = scale_fn
         self.lease_renewal_s = lease_renewal_s
         self.emit = emit if emit is not None else log.info
         self.clock = clock
         self.settings: JobSettings | None = None
         self.generation = channel.latest_generation()
         self.members: tuple[int, ...] = tuple(sorted(rank_node))
+        self.live: tuple[int, ...] = self.members  # members and warm spares
         self.lost: set[str] = set()
         self.history = EscalationHistory(DetectionConfig().escalation_window_s)
         self.finished = False
@@ -191,7 +194,10 @@ class Coordinator:
         # The agents renew every lease_renewal_s (a launcher setting): a shorter TTL would lose every node.
         ttl = max(self.detection.lease_ttl_s, 2 * self.lease_renewal_s)
         for node in self.nodes:
-            if node == self.host_node or node in self.lost or store.check([keys.left(node)]):
+            if node in self.lost:
+                self._check_back(node, now, ttl)
+                continue
+            if node == self.host_node or store.check([keys.left(node)]):
                 continue
             age = lease_age(store, keys.lease(node), now)
             if age is not None and age > ttl:
@@ -201,6 +207,34 @@ class Coordinator:
                     job=self.job, kind=ErrorKind.LOST_NODE, rank=None, node=node, generation=self.generation,
                     source="coordinator", t_detected=now,
                     message=f"lease not renewed for {age:.1f} s (ttl {ttl:g} s)"))
+
+    def _check_back(self, node: str, now: float, ttl: float) -> None:
+        """A lost node whose new launcher renews its lease and whose workers wait to join: re-plan larger."""
+        age = lease_age(self.channel.store, self.channel.keys.lease(node), now)
+        ranks = [r for r, n in self.rank_node.items() if n == node]
+        if age is None or age > ttl or not all(self.channel.joined(r) for r in ranks):
+            return
+        if self._open is not None or self._pending is not None or self.settings is None:
+            return  # one change at a time: finish the recovery in progress first
+        self.lost.discard(node)
+        log.warning("%s is back (ranks %s)", node, ranks)
+        if self.scale_fn is None:
+            return
+        progress = self._progress()
+        state = JobState(job=self.job, generation=self.generation, layout=self.settings.layout,
+                         members=self.members, live=tuple(sorted(set(self.live) | set(ranks))),
+                         rank_node=dict(self.rank_node), iteration=max(progress.values(), default=None),
+                         save=self.settings.save)
+        decision = self.scale_fn(state, frozenset({node}))
+        if decision is None:
+            self.emit(f"unicron: {node} is back; the job keeps {self.settings.layout} (no larger layout)")
+            return
+        self.channel.publish_decision(decision)
+        self.emit(f"unicron: {node} is back -> {decision.action.value} to {decision.layout} on "
+                  f"{len(decision.members)} ranks after iteration {decision.at_iteration}")
+        self.generation, self.members, self.live, self._seen = (
+            decision.generation, decision.members, decision.live, 0)
+        self.settings = replace(self.settings, layout=decision.layout, world_size=len(decision.members))
 
     def _sample_progress(self) -> None:
         """Keep the first and latest progress of the lowest member, for the mean iteration time."""
@@ -287,7 +321,8 @@ class Coordinator:
             return
         decision = verdict.decision
         self._pending = pending
-        self.generation, self.members, self._seen = decision.generation, decision.members, 0
+        self.generation, self.members, self.live, self._seen = (
+            decision.generation, decision.members, decision.live, 0)
         if decision.layout != self.settings.layout:
             self.settings = replace(self.settings, layout=decision.layout, world_size=len(decision.members))
 

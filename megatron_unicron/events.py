@@ -146,6 +146,7 @@ class Decision:
     restart: tuple[int, ...] = ()
     rank_node: dict[int, str] = field(default_factory=dict)
     resume_iteration: int | None = None
+    at_iteration: int | None = None  # a planned transition: members switch after this many iterations
     reason: str = ""
 
     def __post_init__(self) -> None:

@@ -118,6 +118,16 @@ class Healer:
         if self.resume_pending:
             self.channel.post_resumed(self.generation, self.launch_rank, iteration)
             self.resume_pending = False
+        self._maybe_switch(iteration)
+
+    def _maybe_switch(self, iteration: int) -> None:
+        """Between iterations: enter a planned generation (a scale-up) when its iteration has come."""
+        decision = self.channel.decision(self.generation + 1)
+        if decision is None or decision.at_iteration is None or iteration < decision.at_iteration:
+            return
+        report = self.follow(decision, broken=False)
+        if not report.member:
+            self.wait_as_spare()
 
     # ------------------------------------------------------------------ recovery
     def _event(self, kind: ErrorKind, message: str) -> FaultEvent:
@@ -224,6 +234,9 @@ class Healer:
             if decision is None or decision.action is Action.STOP:
                 self._stop(decision)
             assert decision is not None
+            if self.launch_rank not in decision.live:
+                self.generation = decision.generation  # a generation without this process: wait on
+                continue
             self.follow(decision, broken=False)
 
     def close(self) -> None:

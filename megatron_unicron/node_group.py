@@ -59,6 +59,7 @@ class NodeGroup:
         # --unicron: a lost node is the coordinator's business (the job goes on without it), so waits
         # for every node skip a node whose lease expired instead of failing on it.
         self.tolerate_lost_nodes = tolerate_lost_nodes
+        self.rejoined = False  # this launcher took over a lost node's place in a running job
         self.node_rank = node_rank
         self.node = f"node{node_rank}"
         self.nodes = [f"node{k}" for k in range(nnodes)]
@@ -76,6 +77,10 @@ class NodeGroup:
         """Claim this node's id, start the lease, and check ``spec`` against node 0's."""
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         held = self.store.compare_set(self.keys.node_owner(self.node), "", token).decode()
+        if held != token and self._may_take_over(held):
+            # --unicron: a node that was lost comes back (a new launcher for the same --node-rank)
+            held = self.store.compare_set(self.keys.node_owner(self.node), held, token).decode()
+            self.rejoined = held == token
         if held != token:
             raise AgentError(f"{self.node} of job {self.keys.job!r} is already registered (by {held}); "
                              "give every launcher its own --node-rank")
@@ -90,6 +95,13 @@ class NodeGroup:
         diff = [f"{k}={v} (node0 has {theirs.get(k)})" for k, v in spec.items() if theirs.get(k) != v]
         if diff:
             raise AgentError(f"{self.node} is launched differently from node0: {', '.join(diff)}")
+
+    def _may_take_over(self, held: str) -> bool:
+        """Whether a registration may replace ``held``: a lost node's, in a job that tolerates losses."""
+        if not self.tolerate_lost_nodes or self.node_rank == 0:
+            return False
+        age = lease_age(self.store, self.keys.lease(self.node))
+        return age is not None and age > self.lease_timeout_s and not self.store.check([self.keys.abort])
 
     def _renew_lease(self) -> None:
         try:

@@ -12,6 +12,7 @@ key                                written by          content
 ``progress/<rank>``                workers             committed iterations and generation
 ``gen<g>/resumed/<rank>``          workers             first good step in generation g
 ``inject/fired/<i>``               workers             scheduled fault ``i`` fired (first writer)
+``joined/<rank>``                  workers             a returning node's worker waits to join
 ``agent/<node>/commands``          coordinator         appended agent commands (restart ranks)
 ``stop``                           coordinator         the job stops: why, and how to resume
 ``done``                           workers             training finished (spares exit)
@@ -114,6 +115,14 @@ class JobChannel:
         """When ``rank`` resumed in ``generation``, if it did."""
         raw = self.store.try_get(f"{self.keys.gen(generation).prefix}/resumed/{rank}")
         return json.loads(raw) if raw is not None else None
+
+    def post_joined(self, rank: int) -> None:
+        """A worker of a returning node is up and waits to be given a place."""
+        self.store.set(f"{self.prefix}/joined/{rank}", json.dumps({"t": time.time()}))
+
+    def joined(self, rank: int) -> bool:
+        """Whether ``rank``'s new process waits to join."""
+        return self.store.try_get(f"{self.prefix}/joined/{rank}") is not None
 
     def claim_fault(self, index: int, record: dict[str, Any]) -> bool:
         """Mark scheduled fault ``index`` fired; False when it already fired (first writer wins)."""

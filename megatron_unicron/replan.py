@@ -134,6 +134,46 @@ def choose_members(
     return tuple(ordered[: layout.world_size])
 
 
+# A planned switch is announced this many iterations ahead, so every member reads the decision before
+# it reaches that iteration (members move in lockstep: they are at most one iteration apart).
+SWITCH_AHEAD_ITERATIONS = 3
+
+
+def make_scale_up_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> PlanFn:
+    """A ``PlanFn`` for nodes coming back: the largest feasible layout over every live process.
+
+    The analytic model can prefer fewer CPU ranks for a tiny model; a returning node is taken back
+    whenever a larger layout is valid (the capacity the job had before the loss), at an iteration a few
+    steps ahead, as a planned transition (nothing failed, nothing is redone).
+    """
+
+    def scale_fn(state: JobState, nodes_back: frozenset[str]) -> Decision | None:
+        config = config_of()
+        if config is None or "model" not in config:
+            return None
+        shape = JobShape.from_config(config)
+        layout = choose_layout(shape, len(state.live), state.layout, prefer_more_gpus=True)
+        if layout is None or layout.world_size <= state.layout.world_size:
+            return None
+        members = choose_members(state.live, layout, state.rank_node)
+        at = (state.iteration or 0) + SWITCH_AHEAD_ITERATIONS
+        return Decision(
+            job=state.job,
+            generation=state.generation + 1,
+            action=Action.SCALE_UP,
+            incident=f"{', '.join(sorted(nodes_back))} back",
+            layout=layout,
+            members=members,
+            live=tuple(state.live),
+            rank_node=dict(state.rank_node),
+            resume_iteration=at,
+            at_iteration=at,
+            reason=f"{', '.join(sorted(nodes_back))} back: {state.layout} -> {layout} after iteration {at}",
+        )
+
+    return scale_fn
+
+
 def make_plan_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> PlanFn:
     """A ``PlanFn`` for the coordinator; ``config_of()`` returns the job config when it is known."""
 

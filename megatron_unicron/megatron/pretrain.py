@@ -108,6 +108,13 @@ def _start(trainer: Trainer, healer: Healer | None, env: WorkerEnv, args: Megatr
         healer.generation = int(restarted_into) - 1
         healer.wait_as_spare()
         return
+    if healer is not None and os.environ.get("UNICRON_JOINING"):
+        # A returning node's process: wait for the generation the coordinator plans with it.
+        trainer.ensure_datasets()
+        healer.generation = healer.channel.latest_generation()
+        healer.channel.post_joined(env.rank)
+        healer.wait_as_spare()
+        return
     trainer.start_generation(
         0, env.rank, env.world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     )
@@ -146,7 +153,9 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
                 trainer, channel, launch_rank=env.rank, node=os.environ.get("UNICRON_NODE", "node0"),
                 generation=0, injector=injector,  # type: ignore[arg-type]
             )  # fmt: skip
-            if env.rank == 0 and not os.environ.get("UNICRON_RESTARTED"):
+            if env.rank == 0 and not (
+                os.environ.get("UNICRON_RESTARTED") or os.environ.get("UNICRON_JOINING")
+            ):
                 channel.post_config(job_config(args, env, trainer.tokenizer.vocab_size))
         _start(trainer, healer, env, args)
         trainer.train(attempt=healer.attempt if healer is not None else None)
