@@ -107,7 +107,8 @@ class _PlaceholderMeta(type):
 def placeholder_class(module: str, name: str) -> type[Placeholder]:
     """A fresh ``Placeholder`` subclass standing for the global ``module.name``."""
     namespace = {"qualified_name": f"{module}.{name}", "__module__": module, "__qualname__": name}
-    cls = types.new_class(name, (Placeholder,), {"metaclass": _PlaceholderMeta}, lambda ns: ns.update(namespace))
+    meta = {"metaclass": _PlaceholderMeta}
+    cls = types.new_class(name, (Placeholder,), meta, lambda ns: ns.update(namespace))
     return cast("type[Placeholder]", cls)
 
 
