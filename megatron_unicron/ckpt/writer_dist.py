@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -178,7 +179,9 @@ class DistWriter:
         items, sources = self._items()
         items = [WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO) for fqn in objects] + items
         planner = _StreamingPlanner(items, sources, objects, self.pipeline)
-        dcp_save({}, storage_writer=FileSystemWriter(path, thread_count=1), planner=planner, no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_save({}, storage_writer=FileSystemWriter(path, thread_count=1), planner=planner, no_dist=True)
         common = TorchZipWriter(os.path.join(path, "common.pt"))
         try:
             common.finish(self._common())

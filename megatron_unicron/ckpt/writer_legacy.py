@@ -27,6 +27,7 @@ from megatron_unicron.ckpt.distopt_layout import BufferLayout, BufferParam, buff
 from megatron_unicron.ckpt.layout_rules import (
     LAYER_PREFIX,
     canonical_to_local,
+    local_to_canonical,
     optimizer_key,
     parse_optimizer_key,
     stage_param_names,
@@ -185,27 +186,26 @@ class LegacyWriter:
         last = pp == self.layout.pp - 1
         offset = self.stages[pp].start
 
-        def emit_extra(module_key: str, layer: int | None) -> None:
-            key = f"{module_key}._extra_state"
-            if module_key.endswith(".core_attention"):  # a TE module: present with the TE spec only
-                if self.target.layer_spec == "te":
-                    value = extra[key][layer or 0] if key in extra else None
-                    model[canonical_to_local(key, layer, offset, self.target.layer_spec)] = value
-            elif key in extra:
-                model[canonical_to_local(key, layer, offset, self.target.layer_spec)] = extra[key][layer or 0]
+        spec = self.target.layer_spec
 
-        for key, layer in self.params[pp]:
+        def emit_extra(local_module: str) -> None:
+            local = f"{local_module}._extra_state"
+            key, layer = local_to_canonical(local, offset)
+            if local_module.endswith(".core_attention"):  # a TE module: present with the TE spec only
+                if spec == "te":
+                    model[local] = extra[key][layer or 0] if key in extra else None
+            elif key in extra:
+                model[local] = extra[key][layer or 0]
+
+        entries = [(canonical_to_local(k, layer, offset, spec), k, layer) for k, layer in self.params[pp]]
+        for n, (name, key, layer) in enumerate(entries):
+            module = name.rsplit(".", 1)[0]
             if layer is not None and key == LAYER_PREFIX + self.source.layer_suffixes[0]:
-                emit_extra(LAYER_PREFIX + "self_attention.core_attention", layer)
-            model[canonical_to_local(key, layer, offset, self.target.layer_spec)] = self.refs[rank][
-                (key, layer)
-            ]
-            if layer is not None:
-                suffix = key[len(LAYER_PREFIX) :]
-                i = self.source.layer_suffixes.index(suffix)
-                nxt = self.source.layer_suffixes[i + 1] if i + 1 < len(self.source.layer_suffixes) else None
-                if nxt is None or nxt.rsplit(".", 1)[0] != suffix.rsplit(".", 1)[0]:
-                    emit_extra(key.rsplit(".", 1)[0], layer)
+                emit_extra(f"decoder.layers.{layer - offset}.self_attention.core_attention")
+            model[name] = self.refs[rank][(key, layer)]
+            nxt = entries[n + 1][0].rsplit(".", 1)[0] if n + 1 < len(entries) else None
+            if layer is not None and nxt != module:  # a module's extra state follows its parameters
+                emit_extra(module)
         if last and extra:  # the output layer module exists on the last stage even when its weight is tied
             model["output_layer._extra_state"] = extra.get("output_layer._extra_state", [None])[0]
         return model
