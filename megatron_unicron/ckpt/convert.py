@@ -146,6 +146,40 @@ def convert(
     source = open_checkpoint(
         load_dir, iteration, true_vocab_size=true_vocab_size, load_optimizer=not no_optimizer
     )
+    try:
+        return convert_source(
+            source,
+            save_dir,
+            tp=tp,
+            pp=pp,
+            fmt=fmt,
+            no_optimizer=no_optimizer,
+            true_vocab_size=true_vocab_size,
+            target_optimizer=target_optimizer,
+            layer_spec=layer_spec,
+            validate=validate,
+            started=t0,
+        )
+    finally:
+        source.close()
+
+
+def convert_source(
+    source: CheckpointSource,
+    save_dir: str,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    fmt: str | None = None,
+    no_optimizer: bool = False,
+    true_vocab_size: int | None = None,
+    target_optimizer: str = "same",
+    layer_spec: str | None = None,
+    validate: bool = True,
+    started: float | None = None,
+) -> ConversionReport:
+    """Write an opened checkpoint at a target layout/format into ``save_dir`` (see ``convert``)."""
+    t0 = time.perf_counter() if started is None else started
     target = make_target(
         source,
         tp=tp or source.layout.tp,
@@ -196,8 +230,6 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        source.close()
     return report
 
 

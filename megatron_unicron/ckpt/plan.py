@@ -114,7 +114,7 @@ def target_args(source: CheckpointSource, target: Target) -> argparse.Namespace:
         updates["use_distributed_optimizer"] = target.optimizer is OptimizerKind.DISTRIBUTED
         if target.optimizer is OptimizerKind.DISTRIBUTED and target.format == "torch_dist":
             updates["dist_ckpt_optim_fully_reshardable"] = True
-    elif source.common.optimizer is not None:
+    else:  # Megatron-LM then skips the optimizer and scheduler on load
         updates["no_save_optim"] = True
     if not target.keep_rng:
         updates["no_save_rng"] = True

@@ -1,0 +1,166 @@
+"""Converter features on megatron-written checkpoints: placeholders, vocabulary re-padding, TE names, API."""
+
+from __future__ import annotations
+
+import os
+import pickletools
+import shutil
+from typing import Any
+
+import pytest
+import torch
+from checks import assert_tensors_equal_ref, check_dir, no_partial_output, reference
+from conftest import Saved
+from test_refusals import rewrite
+
+from megatron_unicron.ckpt import open_checkpoint
+from megatron_unicron.ckpt.convert import convert, main
+from megatron_unicron.ckpt.errors import CheckpointError
+from megatron_unicron.ckpt.safe_unpickle import Placeholder, placeholder_class
+from megatron_unicron.ckpt.torch_zip import TorchZipReader
+
+
+def _ranks(root: str) -> list[str]:
+    it = os.path.join(root, "iter_0000002")
+    return [os.path.join(it, d, "model_optim_rng.pt") for d in sorted(os.listdir(it))]
+
+
+def _globals(path: str) -> set[str]:
+    reader = torch._C.PyTorchFileReader(path)
+    out, strings = set(), []
+    for op, arg, _ in pickletools.genops(bytes(reader.get_record("data.pkl"))):
+        if op.name == "GLOBAL":
+            out.add(str(arg).replace(" ", "."))
+        elif op.name in ("SHORT_BINUNICODE", "BINUNICODE"):
+            strings.append(arg)
+        elif op.name == "STACK_GLOBAL":
+            out.add(f"{strings[-2]}.{strings[-1]}")
+    return out
+
+
+@pytest.mark.slow
+def test_args_from_another_megatron_version(mcore_a: Saved, tmp_path: Any) -> None:
+    """Enums the installed megatron-core lacks load as placeholders and are written back as themselves."""
+    src = shutil.copytree(mcore_a.legacy, str(tmp_path / "in"))
+    future = placeholder_class("megatron.training.future_enums", "SchedulerMode")
+    renamed = placeholder_class("megatron.core.enums", "ModelTypeV2")
+    for path in _ranks(src):
+        rewrite(
+            path,
+            lambda o: (
+                setattr(o["args"], "scheduler_mode", future(3)),
+                setattr(o["args"], "model_type", renamed(1)),
+            ),
+        )
+    assert "megatron.training.future_enums.SchedulerMode" in _globals(_ranks(src)[0])
+    out = str(tmp_path / "out")
+    report = convert(src, out, tp=1, pp=1, fmt="torch")
+    assert report.ok
+    path = _ranks(out)[0]
+    assert {"megatron.training.future_enums.SchedulerMode", "megatron.core.enums.ModelTypeV2"} <= _globals(
+        path
+    )
+    args = TorchZipReader(path).load()["args"]
+    assert isinstance(args.scheduler_mode, Placeholder) and args.scheduler_mode.value == 3
+    assert args.scheduler_mode.qualified_name == "megatron.training.future_enums.SchedulerMode"
+    assert open_checkpoint(out).args.scheduler_mode == 3  # plain view
+    check_dir(out, reference(mcore_a.ref))
+
+
+@pytest.mark.slow
+def test_vocab_repadding(mcore_a: Saved, tmp_path: Any) -> None:
+    """A TP change that changes the padded vocabulary re-pads (zero rows) or trims rows and the arg."""
+    ref = reference(mcore_a.ref)
+    base = str(tmp_path / "tp1")
+    assert convert(mcore_a.legacy, base, tp=1, pp=1, fmt="torch").ok
+    for path in _ranks(base):  # as if trained with --make-vocab-size-divisible-by 128: TP1 pads 100 -> 128
+        rewrite(path, lambda o: setattr(o["args"], "make_vocab_size_divisible_by", 128))
+    wide = str(tmp_path / "tp2")
+    report = convert(base, wide, tp=2, pp=1, fmt="torch_dist")  # TP2 pads 100 -> 256
+    assert report.ok and report.keys["embedding.word_embeddings.weight"].status == "resized"
+    src = open_checkpoint(wide)
+    assert src.args.padded_vocab_size == 256
+    for key in (
+        "embedding.word_embeddings.weight",
+        "optimizer.state.exp_avg.embedding.word_embeddings.weight",
+    ):
+        t = src.full_tensor(key)
+        assert t.shape == (256, 64)
+        assert torch.equal(t[:128], ref["full"][key]) and not t[128:].any()
+    back = str(tmp_path / "back")
+    assert convert(wide, back, tp=1, pp=1, fmt="torch").ok  # trims back to 128 rows: identical again
+    check_dir(back, ref)
+    # without the true vocabulary size the padded size is ambiguous
+    for path in _ranks(base):
+        rewrite(path, lambda o: delattr(o["args"], "vocab_size"))
+    with pytest.raises(CheckpointError, match="pass --true-vocab-size"):
+        convert(base, str(tmp_path / "x"), tp=2, pp=1)
+    no_partial_output(str(tmp_path / "x"))
+    assert convert(base, str(tmp_path / "y"), tp=2, pp=1, true_vocab_size=100).ok
+
+
+@pytest.mark.slow
+def test_transformer_engine_names(mcore_a: Saved, tmp_path: Any) -> None:
+    """A TE-spec legacy checkpoint (fused norm names, core_attention extra state) converts both ways."""
+    te = str(tmp_path / "te")
+    assert convert(mcore_a.dist, te, fmt="torch", layer_spec="te").ok
+    keys = list(TorchZipReader(_ranks(te)[0]).load()["model"])
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.0.self_attention.core_attention._extra_state" in keys
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in keys)
+    src = open_checkpoint(te)
+    assert src.layer_spec == "te"
+    ref = reference(mcore_a.ref)
+    assert_tensors_equal_ref(src, ref)
+    local = str(tmp_path / "local")
+    assert convert(te, local, tp=1, pp=2, layer_spec="local").ok
+    assert "decoder.layers.0.input_layernorm.weight" in TorchZipReader(_ranks(local)[0]).load()["model"]
+    check_dir(local, ref)
+
+
+@pytest.mark.slow
+def test_library_api(mcore_a: Saved) -> None:
+    """``open_checkpoint``: format, iteration, plain args, common state, full tensors in sharded key space."""
+    ref = reference(mcore_a.ref)
+    for path, fmt in ((mcore_a.legacy, "torch"), (mcore_a.dist, "torch_dist")):
+        with open_checkpoint(path) as src:
+            assert src.format == fmt and src.iteration == 2
+            assert src.args.tensor_model_parallel_size == 2 and src.args.params_dtype == "float32"
+            key = "decoder.layers.mlp.linear_fc1.weight"
+            assert src.tensors[key].stacked and src.tensors[key].shape == (4, 512, 64)
+            assert torch.equal(src.full_tensor(key), ref["full"][key])
+            assert torch.equal(src.read(key, 3), ref["full"][key][3])
+            assert src.common.opt_param_scheduler is not None
+            assert src.spec.swiglu and src.spec.num_query_groups == 2 and src.spec.tied
+
+
+@pytest.mark.slow
+def test_no_optimizer_and_json(mcore_a: Saved, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    out = str(tmp_path / "m")
+    rc = main(
+        [
+            "--load-dir",
+            mcore_a.dist,
+            "--save-dir",
+            out,
+            "--target-tensor-parallel-size",
+            "1",
+            "--target-pipeline-parallel-size",
+            "1",
+            "--ckpt-format",
+            "torch",
+            "--no-optimizer",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["totals"]["peak_rss_bytes"] > 0 and report["totals"]["gb_per_s"] > 0
+    statuses = {k: v["status"] for k, v in report["tensors"].items()}
+    assert statuses["embedding.word_embeddings.weight"] == "identical"
+    assert all(s == "dropped" for k, s in statuses.items() if k.startswith("optimizer."))
+    sd = TorchZipReader(_ranks(out)[0]).load()
+    assert "optimizer" not in sd and sd["args"].no_save_optim is True
+    check_dir(out, reference(mcore_a.ref), optimizer=False)
