@@ -265,13 +265,15 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise CheckpointError(f"{self._source}: refusing to rebuild {cls!r} with copyreg")
         return _safe_reconstructor(cls, base, state)
 
-    def _checked_getattr(self, obj: Any, name: str) -> Any:
+    def _checked_getattr(self, *args: Any) -> Any:
         # pickles of enum members by name: getattr(EnumClass, "MEMBER")
-        if isinstance(obj, type) and issubclass(obj, Placeholder):
-            return getattr(obj, name)
-        if obj is signal.Signals and isinstance(getattr(signal, name, None), signal.Signals):
-            return getattr(signal, name)
-        raise CheckpointError(f"{self._source}: refusing getattr({obj!r}, {name!r}) in a pickle")
+        if len(args) == 2 and isinstance(args[1], str):
+            obj, name = args
+            if isinstance(obj, type) and issubclass(obj, Placeholder):
+                return getattr(obj, name)
+            if obj is signal.Signals and isinstance(getattr(signal, name, None), signal.Signals):
+                return getattr(signal, name)
+        raise CheckpointError(f"{self._source}: refusing getattr{tuple(map(repr, args))!r:.80} in a pickle")
 
     def find_class(self, module: str, name: str) -> Any:
         """Return an allowed global or a placeholder; refuse anything else with one line."""

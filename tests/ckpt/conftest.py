@@ -7,7 +7,9 @@ writes the same state in both formats plus a reference (full tensors, eval loss,
   (padded to 128), fp32, megatron Adam;
 * ``mcore_b``: TP2PP2, DistributedOptimizer (legacy ``distrib_optim.pt``), tied embeddings, learned absolute
   positions, LayerNorm with biases, vocab 128, fp32;
-* ``mcore_c``: TP2PP1, bf16 parameters with fp32 main params (Float16Optimizer), untied embeddings, vocab 100.
+* ``mcore_c``: TP2PP1, bf16 parameters with fp32 main params (Float16Optimizer), untied embeddings, vocab 100;
+* ``mcore_d``: TP1PP2, DistributedOptimizer with ``overlap_grad_reduce`` and 6000-element buckets (several
+  padded buckets per grad buffer), tied embeddings (a bucket of their own on both stages).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import helpers  # noqa: E402
 CFG_A = dict(swiglu=True, groups=2, tied=True, vocab=100, make_div=32, pos="rope", norm="RMSNorm", bias=False)
 CFG_B = dict(distopt=True, tied=True, vocab=128, make_div=32)
 CFG_C = dict(dtype="bf16", tied=False, vocab=100, make_div=64)
+CFG_D = dict(distopt=True, tied=True, vocab=128, make_div=32, overlap=True, bucket=6000)
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,8 @@ def mcore_b(tmp_path_factory: pytest.TempPathFactory) -> Saved:
 @pytest.fixture(scope="session")
 def mcore_c(tmp_path_factory: pytest.TempPathFactory) -> Saved:
     return _save(tmp_path_factory, "mcore_c", CFG_C, (2, 1))
+
+
+@pytest.fixture(scope="session")
+def mcore_d(tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    return _save(tmp_path_factory, "mcore_d", CFG_D, (1, 2))

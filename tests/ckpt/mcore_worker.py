@@ -143,7 +143,10 @@ def main() -> None:  # noqa: C901 - one worker, phases inline
             inner = Float16Module(self.cfg, self.gpt) if dtype != torch.float32 else self.gpt
             self.distopt = cfg.get("distopt", False) if distopt is None else distopt
             ddp_cfg = DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=self.distopt
+                grad_reduce_in_fp32=True,
+                use_distributed_optimizer=self.distopt,
+                overlap_grad_reduce=cfg.get("overlap", False),
+                bucket_size=cfg.get("bucket"),
             )
             self.model = DistributedDataParallel(self.cfg, ddp_cfg, inner)
             self.opt = get_megatron_optimizer(
@@ -365,8 +368,8 @@ def main() -> None:  # noqa: C901 - one worker, phases inline
                 no_save_optim=False,
                 no_save_rng=False,
                 data_parallel_random_init=False,
-                ddp_bucket_size=None,
-                overlap_grad_reduce=False,
+                ddp_bucket_size=cfg.get("bucket"),
+                overlap_grad_reduce=cfg.get("overlap", False),
                 iteration=self.iteration,
             )
 
