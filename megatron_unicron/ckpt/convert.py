@@ -217,7 +217,9 @@ def convert_source(
         pipeline.finish()
         report.seconds = time.perf_counter() - t0
         if validate:
+            t1 = time.perf_counter()
             _verify(tmp, pipeline, report, true_vocab_size)
+            report.seconds_validate = time.perf_counter() - t1
             if not report.ok:
                 bad = [k for k, v in report.keys.items() if v.status == "MISMATCH"]
                 raise VerificationError(

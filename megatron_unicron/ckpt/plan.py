@@ -136,6 +136,7 @@ class Pipeline:
         self._derived: set[str] = set()
         self._before: dict[str, TensorStats] = {}
         self._written: dict[str, TensorStats] = {}
+        self._transformed: set[str] = set()  # keys whose written slabs differ from the source's
         model_keys = [k for k in source.tensors if parse_optimizer_key(k) is None]
         for k in model_keys:
             self.tensors[k] = self._target_info(source.tensors[k])
@@ -204,7 +205,9 @@ class Pipeline:
             raise CheckpointError(
                 f"{key} (layer {layer}): slab shape {list(out.shape)}, expected {list(expected)}"
             )
-        self._written[key].add(out, layer)
+        if out is not src or key in self._derived:
+            self._transformed.add(key)
+            self._written[key].add(out, layer)
         return out
 
     def finish(self) -> None:
@@ -213,7 +216,8 @@ class Pipeline:
             entry = self.report.key(k)
             if k in self._before:
                 entry.before = self._before[k].digest()
-            entry.written = self._written[k].digest()
+            # an untransformed key was written as read: its written checksum is the source's
+            entry.written = self._written[k].digest() if k in self._transformed else entry.before
 
 
 def stage_of(layout: Layout, num_layers: int, layer: int) -> int:

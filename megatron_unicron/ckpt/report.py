@@ -37,9 +37,9 @@ class TensorStats:
                 raise RuntimeError(f"slab of layer {layer} out of order (expected {self._next_layer})")
             self._next_layer += 1
         t = slab.detach().contiguous()
-        self.total += float(t.double().sum())
+        self.total += float(t.sum(dtype=torch.float64))
         self.numel += t.numel()
-        self._sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._sha.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no copy
 
     def digest(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -84,7 +84,8 @@ class ConversionReport:
     target: dict[str, Any]
     keys: dict[str, KeyReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # open + convert + write (the GB/s figure)
+    seconds_validate: float = 0.0  # reading the output back
     bytes_read: int = 0
     bytes_written: int = 0
     largest_tensor_bytes: int = 0
@@ -114,6 +115,7 @@ class ConversionReport:
                 "keys": len(self.keys),
                 "status": counts,
                 "seconds": round(self.seconds, 3),
+                "seconds_validate": round(self.seconds_validate, 3),
                 "bytes_read": self.bytes_read,
                 "bytes_written": self.bytes_written,
                 "gb_per_s": round(self.bytes_read / max(self.seconds, 1e-9) / 1e9, 4),
@@ -158,7 +160,8 @@ class ConversionReport:
         t = d["totals"]
         lines.append(
             f"totals: {t['keys']} tensors {t['status']}; read {t['bytes_read'] / 1e6:.2f} MB, wrote "
-            f"{t['bytes_written'] / 1e6:.2f} MB in {t['seconds']:.2f} s ({t['gb_per_s']:.3f} GB/s); "
+            f"{t['bytes_written'] / 1e6:.2f} MB in {t['seconds']:.2f} s ({t['gb_per_s']:.3f} GB/s), "
+            f"read back in {t['seconds_validate']:.2f} s; "
             f"peak RSS {t['peak_rss_bytes'] / 2**20:.1f} MiB, largest tensor "
             f"{t['largest_tensor_bytes'] / 2**20:.2f} MiB, "
             f"largest slab {t['largest_slab_bytes'] / 2**20:.2f} MiB"
