@@ -82,8 +82,8 @@ def _warm(path: str) -> None:
 
 def _baseline_rss() -> int:
     code = (
-        "import resource, megatron_unicron.ckpt.convert, megatron_unicron.ckpt.writer_dist; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "import megatron_unicron.ckpt.convert, megatron_unicron.ckpt.writer_dist; "
+        "from megatron_unicron.ckpt.report import peak_rss_bytes; print(peak_rss_bytes())"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
     return int(out.stdout.strip())

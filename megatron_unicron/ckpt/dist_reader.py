@@ -13,11 +13,10 @@ tensor, loaded with ``weights_only=True``). Byte objects (``_extra_state`` per l
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -41,7 +40,7 @@ from megatron_unicron.ckpt.source import (
     OptimizerMeta,
     TensorInfo,
 )
-from megatron_unicron.ckpt.torch_zip import TorchZipReader, materialize
+from megatron_unicron.ckpt.torch_zip import FileWindow, TorchZipReader, materialize
 
 _OBJ_RE = re.compile(r"^(?P<key>.+)/shard_(?P<off>[\d.]+)_(?P<shape>[\d.]+)$")
 
@@ -371,7 +370,7 @@ class DistSource(CheckpointSource):
 
     # ------------------------------------------------------------------ reads
     def read(self, key: str, layer: int | None) -> torch.Tensor:
-        """Assemble one slab from the stored chunks that intersect it."""
+        """Assemble one slab from the stored chunks that intersect it (an equal chunk is returned as is)."""
         info = self.tensors.get(key)
         if info is None:
             raise CheckpointError(f"no tensor {key} in {self.path}")
@@ -382,33 +381,45 @@ class DistSource(CheckpointSource):
             hi = (layer + 1,) + info.shape[1:]
         else:
             lo, hi = (0,) * len(info.shape), info.shape
-        out = torch.empty(tuple(h - low for low, h in zip(lo, hi)), dtype=info.dtype)
+        box = tuple(h - low for low, h in zip(lo, hi))
+        out: torch.Tensor | None = None
         covered = 0
         for c in self._chunks[key]:
             inter = [(max(a, o), min(b, o + s)) for a, b, o, s in zip(lo, hi, c.offsets, c.sizes)]
             if any(a >= b for a, b in inter):
                 continue
-            try:
-                data = torch.load(
-                    io.BytesIO(_read_range(c.path, c.offset, c.length)), map_location="cpu", weights_only=True
-                )
-            except CheckpointError:
-                raise
-            except Exception as e:  # corrupt bytes raise anything from RuntimeError to UnpicklingError
-                raise CheckpointError(
-                    f"{key}: corrupt chunk at {list(c.offsets)} in {c.path} ({type(e).__name__})"
-                ) from None
-            if tuple(data.shape) != c.sizes:
-                raise CheckpointError(
-                    f"{key}: stored chunk at {list(c.offsets)} has shape {list(data.shape)}, "
-                    f"metadata says {list(c.sizes)}"
-                )
+            data = self._chunk(key, c)
+            if c.offsets == lo and c.sizes == box:  # the common case: one stored chunk per slab
+                out, covered = data, data.numel()
+                break
+            if out is None:
+                out = torch.empty(box, dtype=info.dtype)
             src = data[tuple(slice(a - o, b - o) for (a, b), o in zip(inter, c.offsets))]
             out[tuple(slice(a - low, b - low) for (a, b), low in zip(inter, lo))] = src
             n = 1
             for a, b in inter:
                 n *= b - a
             covered += n
-        if covered != out.numel():
-            raise CheckpointError(f"{key} (layer {layer}): chunks cover {covered} of {out.numel()} elements")
+        if out is None or covered != out.numel():
+            raise CheckpointError(
+                f"{key} (layer {layer}): stored chunks cover {covered} elements of the slab"
+            )
         return out[0] if info.stacked else out
+
+    @staticmethod
+    def _chunk(key: str, c: _Chunk) -> torch.Tensor:
+        try:
+            with FileWindow(c.path, c.offset, c.length) as window:  # reads only this tensor's bytes
+                data = torch.load(cast(IO[bytes], window), map_location="cpu", weights_only=True)
+        except CheckpointError:
+            raise
+        except Exception as e:  # corrupt bytes raise anything from RuntimeError to UnpicklingError
+            raise CheckpointError(
+                f"{key}: corrupt chunk at {list(c.offsets)} in {c.path} ({type(e).__name__})"
+            ) from None
+        if not isinstance(data, torch.Tensor) or tuple(data.shape) != c.sizes:
+            raise CheckpointError(
+                f"{key}: stored chunk at {list(c.offsets)} has shape "
+                f"{list(getattr(data, 'shape', []))}, metadata says {list(c.sizes)}"
+            )
+        return data

@@ -357,14 +357,53 @@ class LegacySource(CheckpointSource):
 
     # ------------------------------------------------------------------ reads
     def read(self, key: str, layer: int | None) -> torch.Tensor:
-        """Merge the TP shards of one slab (reads only that slab's bytes)."""
+        """Merge the TP shards of one slab, reading each shard's bytes straight into place where possible."""
         shards = self._shards.get((key, layer))
         if shards is None:
             raise CheckpointError(f"no tensor {key} (layer {layer}) in {self.path}")
         model_key = key.split(".", 3)[3] if key.startswith("optimizer.state.") else key
         split = split_of(model_key, self.spec.swiglu)
-        # replicated tensors: every TP rank's copy is read, so inconsistent shards are caught
-        return tp_rules.merge(split, [s.materialize() for s in shards if s is not None], f"{key}[{layer}]")
+        lazy = [s for s in shards if s is not None]
+        name = f"{key}[{layer}]"
+        if split is tp_rules.Split.REPLICATED:  # every rank's copy is read: inconsistent shards are caught
+            first = lazy[0].materialize()
+            for t, s in enumerate(lazy[1:], start=1):
+                other = s.materialize()
+                if other.shape != first.shape or not torch.equal(other, first):
+                    raise CheckpointError(
+                        f"{name}: TP rank {t} holds a different copy of a replicated tensor "
+                        "(inconsistent shards)"
+                    )
+            return first
+        if split is tp_rules.Split.DIM1:  # columns: one shard in memory besides the output
+            rows, cols = lazy[0].shape[0], lazy[0].shape[1]
+            out = torch.empty((rows, cols * len(lazy), *lazy[0].shape[2:]), dtype=lazy[0].dtype)
+            for t, s in enumerate(lazy):
+                out[:, t * cols : (t + 1) * cols] = s.materialize()
+            return out
+        return self._read_rows(split, lazy)
+
+    @staticmethod
+    def _read_rows(split: tp_rules.Split, lazy: list[Lazy]) -> torch.Tensor:
+        """Row-split shards read straight into the full tensor (SwiGLU: gate rows, then up rows)."""
+        tp, rows = len(lazy), lazy[0].shape[0]
+        shape = (rows * tp, *lazy[0].shape[1:])
+        out = torch.empty(shape, dtype=lazy[0].dtype)
+        flat = out.view(-1)
+        per_row = out[0].numel() if rows else 0
+        half = rows // 2
+        for t, s in enumerate(lazy):
+            if tuple(s.shape) != tuple(lazy[0].shape):
+                raise CheckpointError(
+                    f"TP shard {t} has shape {list(s.shape)}, shard 0 {list(lazy[0].shape)}"
+                )
+            if split is tp_rules.Split.SWIGLU:
+                pieces = [(0, half, t * half), (half, rows, tp * half + t * half)]
+            else:
+                pieces = [(0, rows, t * rows)]
+            for a, b, dst in pieces:
+                s.read_flat_into(a * per_row, b * per_row, flat[dst * per_row : (dst + b - a) * per_row])
+        return out
 
     def tied_copy(self) -> torch.Tensor | None:
         """The last stage's ``output_layer.weight`` copy (tied embeddings, PP > 1), for consistency checks."""

@@ -37,7 +37,9 @@ class TensorStats:
                 raise RuntimeError(f"slab of layer {layer} out of order (expected {self._next_layer})")
             self._next_layer += 1
         t = slab.detach().contiguous()
-        self.total += float(t.sum(dtype=torch.float64))
+        flat = t.reshape(-1)
+        for i in range(0, flat.numel(), 1 << 22):  # float64 partial sums: a bounded temporary
+            self.total += float(flat[i : i + (1 << 22)].sum(dtype=torch.float64))
         self.numel += t.numel()
         self._sha.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no copy
 
@@ -183,5 +185,16 @@ def _num(s: dict[str, Any]) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (``getrusage``; Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Peak resident set size of this process.
+
+    ``VmHWM`` of ``/proc/self/status`` where it exists: ``getrusage``'s ``ru_maxrss`` also counts the parent's
+    memory when the process was started with fork/vfork + exec, which would inflate a CLI's figure.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux

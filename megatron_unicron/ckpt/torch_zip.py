@@ -49,6 +49,11 @@ class _Bytes:
 
     def read(self, offset: int, nbytes: int) -> bytearray:
         buf = bytearray(nbytes)
+        self.read_into(offset, memoryview(buf))
+        return buf
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        nbytes = len(buf)
         if isinstance(self.source, bytes):
             chunk = self.source[offset : offset + nbytes]
             buf[: len(chunk)] = chunk
@@ -56,12 +61,11 @@ class _Bytes:
         else:
             with open(self.source, "rb", buffering=0) as f:
                 f.seek(offset)
-                got = f.readinto(memoryview(buf)) or 0
+                got = f.readinto(buf) or 0
         if got != nbytes:
             raise CheckpointError(
                 f"{self.name}: truncated (wanted {nbytes} bytes at offset {offset}, got {got})"
             )
-        return buf
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,24 @@ class LazyTensor:
         )
         return torch.frombuffer(buf, dtype=self.dtype) if end > start else torch.empty(0, dtype=self.dtype)
 
+    def read_flat_into(self, start: int, end: int, dest: torch.Tensor) -> None:
+        """Read elements ``[start, end)`` of the flattened tensor straight into contiguous ``dest``."""
+        if dest.dtype != self.dtype or dest.numel() != end - start or not dest.is_contiguous():
+            raise ValueError(
+                "read_flat_into: dest must be contiguous, of the tensor's dtype and the range's size"
+            )
+        if not _is_contiguous(self.shape, self.stride):
+            dest.copy_(self.materialize().reshape(-1)[start:end])
+            return
+        if not 0 <= start <= end <= self.numel:
+            raise CheckpointError(
+                f"{self.storage.data.name}: range [{start}, {end}) outside a tensor of {self.numel} elements"
+            )
+        if end > start:
+            itemsize = self.dtype.itemsize
+            view = memoryview(dest.reshape(-1).view(torch.uint8).numpy().data)
+            self.storage.data.read_into(self.storage.offset + (self.storage_offset + start) * itemsize, view)
+
 
 @dataclass(frozen=True)
 class LazyRange:
@@ -160,6 +182,10 @@ class LazyRange:
     def materialize(self) -> torch.Tensor:
         """Read the range and return it with ``shape``."""
         return self.tensor.read_flat(self.start, self.end).view(self.shape)
+
+    def read_flat_into(self, start: int, end: int, dest: torch.Tensor) -> None:
+        """Read elements ``[start, end)`` of this range straight into contiguous ``dest``."""
+        self.tensor.read_flat_into(self.start + start, self.start + end, dest)
 
 
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -399,6 +425,46 @@ class TorchZipWriter:
         if not self._closed:
             self._closed = True
             self._opener.__exit__(None, None, None)
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only file object over bytes ``[offset, offset + length)`` of a file (a DCP item)."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        super().__init__()
+        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._offset, self._length, self._pos = offset, length, 0
+
+    def readable(self) -> bool:
+        """Always readable."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always seekable."""
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        """Seek within the window."""
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        """Position within the window."""
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        """Read into ``buf`` without crossing the window's end."""
+        n = max(0, min(len(buf), self._length - self._pos))
+        self._f.seek(self._offset + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n]) or 0
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        self._f.close()
+        super().close()
 
 
 def file_size(path: str) -> int:

@@ -22,17 +22,28 @@ import io
 import json
 import os
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException as DcpException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from megatron_unicron.ckpt import safe_unpickle
 from megatron_unicron.ckpt.common_out import content_metadata, dist_common_optimizer
+from megatron_unicron.ckpt.errors import CheckpointError
 from megatron_unicron.ckpt.layout_rules import LAYER_PREFIX, parse_optimizer_key
 from megatron_unicron.ckpt.plan import Pipeline, Target, target_args
 from megatron_unicron.ckpt.report import ConversionReport
@@ -88,6 +99,57 @@ class _StreamingPlanner(DefaultSavePlanner):
         key, layer = self._tensors[(write_item.index.fqn, offset)]
         slab = self._pipeline.slab(key, layer)
         return slab.unsqueeze(0) if layer is not None else slab
+
+
+class _StreamingFileWriter(FileSystemWriter):
+    """torch's ``FileSystemWriter`` whose ``write_data`` writes item by item and keeps nothing.
+
+    torch's own loop keeps every written tensor of a file alive until the file is complete (a dict it only
+    needs for safetensors output), which would hold a whole checkpoint in memory. This one writes each item
+    as torch does (``torch.save`` of the tensor, or the raw bytes of a byte object) and records the same
+    ``_StorageInfo`` (file, offset, length), so torch's and megatron's readers read it unchanged.
+    """
+
+    FILE_BYTES = 4 << 30  # start a new ``__0_<n>.distcp`` after this many bytes
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Write every item of the plan in order, pulling each one from the planner when it is written."""
+        results: list[WriteResult] = []
+        prefix = plan.storage_data.prefix
+        stream: Any = None
+        name, count = "", 0
+        try:
+            for item in plan.items:
+                if stream is None or stream.tell() >= self.FILE_BYTES:
+                    if stream is not None:
+                        stream.close()
+                    name = f"{prefix}{count}.distcp"
+                    count += 1
+                    stream = open(os.path.join(str(self.path), name), "wb")  # noqa: SIM115
+                data = planner.resolve_data(item)
+                offset = stream.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(cast(io.BytesIO, data).getbuffer())
+                else:
+                    tensor = cast(torch.Tensor, data).detach().contiguous()
+                    if tensor.untyped_storage().nbytes() != tensor.nbytes:
+                        tensor = tensor.clone()
+                    torch.save(tensor, stream)
+                    del tensor, data
+                length = stream.tell() - offset
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=length,
+                        storage_data=_StorageInfo(name, offset, length),
+                    )
+                )
+        finally:
+            if stream is not None:
+                stream.close()
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
 
 
 class DistWriter:
@@ -181,7 +243,15 @@ class DistWriter:
         planner = _StreamingPlanner(items, sources, objects, self.pipeline)
         with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
             warnings.simplefilter("ignore", UserWarning)
-            dcp_save({}, storage_writer=FileSystemWriter(path, thread_count=1), planner=planner, no_dist=True)
+            # like torch.save (the legacy writer), no fsync: the output is renamed into place only when done
+            writer = _StreamingFileWriter(path, thread_count=1, sync_files=False)
+            try:
+                dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
+            except DcpException as e:  # DCP wraps what the pipeline raised: hand the original on
+                for failure in getattr(e, "failures", {}).values():
+                    if isinstance(failure, (CheckpointError, OSError)):
+                        raise failure from None
+                raise CheckpointError(f"writing the torch_dist files failed: {e}") from None
         common = TorchZipWriter(os.path.join(path, "common.pt"))
         try:
             common.finish(self._common())

@@ -119,6 +119,7 @@ class LegacyWriter:
                     for pp, dest in self._destinations(key, layer):
                         for t in range(tp):
                             self._put((t, pp), dest, layer, shards[t])
+                    del shards  # release the slab before the next one is read
             for pp in range(self.layout.pp):
                 for t in range(tp):
                     self._finish((t, pp))
