@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickletools
 import shutil
@@ -164,3 +165,56 @@ def test_no_optimizer_and_json(mcore_a: Saved, tmp_path: Any, capsys: pytest.Cap
     sd = TorchZipReader(_ranks(out)[0]).load()
     assert "optimizer" not in sd and sd["args"].no_save_optim is True
     check_dir(out, reference(mcore_a.ref), optimizer=False)
+
+
+def test_synthetic_legacy_writer_round_trip(tmp_path: Any) -> None:
+    """A checkpoint from the test-only legacy writer: Adam ids map to the right parameters at every layout.
+
+    The writer sets exp_avg = 1e-3 * param and exp_avg_sq = 1e-3 * param**2 per rank, so a wrong id -> name
+    mapping anywhere (groups, module order, the tied copy on the last stage) breaks the identity.
+    """
+    import synth_legacy
+
+    src = str(tmp_path / "synth")
+    synth_legacy.write(src, tp=2, pp=2, layers=4, hidden=64, heads=4, ffn=256, vocab=500, seq=32)
+    for tp, pp, fmt in ((1, 1, "torch_dist"), (4, 2, "torch")):
+        out = str(tmp_path / f"o{tp}{pp}")
+        assert convert(src, out, tp=tp, pp=pp, fmt=fmt).ok
+        with open_checkpoint(out) as ck:
+            for key in (k for k in ck.tensors if not k.startswith("optimizer.")):
+                p = ck.full_tensor(key)
+                assert torch.equal(ck.full_tensor(f"optimizer.state.exp_avg.{key}"), p * 1e-3), key
+                assert torch.equal(ck.full_tensor(f"optimizer.state.exp_avg_sq.{key}"), p.square() * 1e-3), (
+                    key
+                )
+
+
+@pytest.mark.slow
+def test_dist_common_state_object(mcore_a: Saved, tmp_path: Any) -> None:
+    """Newer megatron-core keeps the common state in a ``common_state/shard_0_1`` object, not common.pt."""
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    src = shutil.copytree(mcore_a.dist, str(tmp_path / "in"))
+    it = os.path.join(src, "iter_0000002")
+    common = torch.load(os.path.join(it, "common.pt"), weights_only=False)
+    blob = io.BytesIO()
+    torch.save([common], blob)
+    with open(os.path.join(it, "__9_0.distcp"), "wb") as f:
+        f.write(blob.getvalue())
+    with open(os.path.join(it, ".metadata"), "rb") as f:
+        meta = pickle.load(f)
+    meta.state_dict_metadata["common_state/shard_0_1"] = BytesStorageMetadata()
+    meta.storage_data[MetadataIndex("common_state/shard_0_1")] = _StorageInfo(
+        "__9_0.distcp", 0, len(blob.getvalue())
+    )
+    with open(os.path.join(it, ".metadata"), "wb") as f:
+        pickle.dump(meta, f)
+    os.remove(os.path.join(it, "common.pt"))
+    with open_checkpoint(src) as ck:
+        assert (
+            ck.iteration == 2 and ck.common.optimizer is not None and float(ck.common.optimizer.step) == 2.0
+        )
+        assert_tensors_equal_ref(ck, reference(mcore_a.ref))

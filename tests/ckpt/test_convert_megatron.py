@@ -67,6 +67,7 @@ def test_chain_a_swiglu_gqa_exact(mcore_a: Saved, tmp_path: Any) -> None:
     d12 = _hop(l21, str(tmp_path / "d12"), 1, 2, "torch_dist")
     check_dir(d12, ref)
     l22 = _hop(d12, str(tmp_path / "l22"), 2, 2, "torch")
+    dist_opt = _hop(mcore_a.legacy, str(tmp_path / "do21"), 2, 1, "torch", target_optimizer="distributed")
     check_dir(l22, ref)
     # the RNG state cannot survive a layout change (its streams belong to TP/PP ranks): compare the rest
     back = _rank_files(l22)
@@ -85,7 +86,12 @@ def test_chain_a_swiglu_gqa_exact(mcore_a: Saved, tmp_path: Any) -> None:
         4,
         mcore_a.cfg,
         mcore_a.ref,
-        [("torch_dist", d11, 1, 1), ("torch", l21, 2, 1), ("torch_dist", d12, 1, 2)],
+        [
+            ("torch_dist", d11, 1, 1),
+            ("torch", l21, 2, 1),
+            ("torch_dist", d12, 1, 2),
+            ("torch", dist_opt, 2, 1, "distopt"),
+        ],
         str(tmp_path / "loads.json"),
     )
     assert_loaded_like_ref(results)
