@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         gen_s = time.perf_counter() - t
         _warm(src)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         shutil.copytree(src, os.path.join(work, "copy"))
-        copy_s = time.perf_counter() - t
+        copy_s, copy_cpu = time.perf_counter() - t, time.process_time() - cpu
         shutil.rmtree(os.path.join(work, "copy"))
         base_rss = _baseline_rss()
         rows = []
@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "bytes": tot["bytes_read"],
                     "seconds": tot["seconds"],
                     "gb_per_s": tot["gb_per_s"],
+                    "cpu_seconds": tot["cpu_seconds"],
+                    "gb_per_cpu_s": round(tot["bytes_read"] / max(tot["cpu_seconds"], 1e-9) / 1e9, 3),
                     "validate_seconds": tot["seconds_validate"],
                     "peak_rss_bytes": tot["peak_rss_bytes"],
                     "rss_above_import_bytes": tot["peak_rss_bytes"] - base_rss,
@@ -151,6 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "bytes": nbytes,
                 "seconds": round(copy_s, 3),
                 "gb_per_s": round(nbytes / copy_s / 1e9, 3),
+                "cpu_seconds": round(copy_cpu, 3),
+                "gb_per_cpu_s": round(nbytes / max(copy_cpu, 1e-9) / 1e9, 3),
             },
             "import_only_rss_bytes": base_rss,
             "conversions": rows,
@@ -173,24 +177,27 @@ def main() -> None:
         print(json.dumps(res, indent=1))
         return
     mib = 2**20
+    copy = res["copy"]
     print(
         f"model hidden={args.hidden} layers={args.layers} vocab={args.vocab}: legacy TP2PP2 checkpoint "
         f"{res['checkpoint_bytes'] / 1e9:.2f} GB (model + Adam state, fp32)"
     )
     print(
-        f"baseline plain copy (copytree): {res['copy']['seconds']:.2f} s = "
-        f"{res['copy']['gb_per_s']:.3f} GB/s; "
+        f"baseline plain copy (copytree): {copy['seconds']:.2f} s wall = {copy['gb_per_s']:.3f} GB/s, "
+        f"{copy['cpu_seconds']:.2f} CPU s = {copy['gb_per_cpu_s']:.3f} GB per CPU s; "
         f"RSS of a process that only imports the converter: {res['import_only_rss_bytes'] / mib:.0f} MiB"
     )
     print(
-        f"{'conversion':<38} {'GB/s':>7} {'vs copy':>8} {'s':>7} {'read-back s':>11} {'peak RSS MiB':>13} "
-        f"{'above import':>13} {'largest tensor MiB':>19}"
+        f"{'conversion':<36} {'GB/s':>6} {'vs copy':>7} {'GB/CPU s':>8} {'vs copy':>7} {'wall s':>7} "
+        f"{'read-back s':>11} {'peak RSS MiB':>12} {'above import':>12} {'largest tensor MiB':>18}"
     )
     for r in res["conversions"]:
         print(
-            f"{r['conversion']:<38} {r['gb_per_s']:>7.3f} {r['gb_per_s'] / res['copy']['gb_per_s']:>7.2f}x "
-            f"{r['seconds']:>7.2f} {r['validate_seconds']:>11.2f} {r['peak_rss_bytes'] / mib:>13.0f} "
-            f"{r['rss_above_import_bytes'] / mib:>13.0f} {r['largest_tensor_bytes'] / mib:>19.1f}"
+            f"{r['conversion']:<36} {r['gb_per_s']:>6.3f} {r['gb_per_s'] / copy['gb_per_s']:>6.2f}x "
+            f"{r['gb_per_cpu_s']:>8.3f} {r['gb_per_cpu_s'] / copy['gb_per_cpu_s']:>6.2f}x "
+            f"{r['seconds']:>7.2f} "
+            f"{r['validate_seconds']:>11.2f} {r['peak_rss_bytes'] / mib:>12.0f} "
+            f"{r['rss_above_import_bytes'] / mib:>12.0f} {r['largest_tensor_bytes'] / mib:>18.1f}"
         )
 
 

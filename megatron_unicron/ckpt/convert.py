@@ -143,7 +143,7 @@ def convert(
     validate: bool = True,
 ) -> ConversionReport:
     """Convert ``load_dir`` into ``save_dir``; returns the report. Raises ``CheckpointError`` on a refusal."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     source = open_checkpoint(
         load_dir, iteration, true_vocab_size=true_vocab_size, load_optimizer=not no_optimizer
     )
@@ -159,7 +159,7 @@ def convert(
             target_optimizer=target_optimizer,
             layer_spec=layer_spec,
             validate=validate,
-            started=t0,
+            started=(t0, cpu0),
         )
     finally:
         source.close()
@@ -177,10 +177,10 @@ def convert_source(
     target_optimizer: str = "same",
     layer_spec: str | None = None,
     validate: bool = True,
-    started: float | None = None,
+    started: tuple[float, float] | None = None,
 ) -> ConversionReport:
     """Write an opened checkpoint at a target layout/format into ``save_dir`` (see ``convert``)."""
-    t0 = time.perf_counter() if started is None else started
+    t0, cpu0 = (time.perf_counter(), time.process_time()) if started is None else started
     target = make_target(
         source,
         tp=tp or source.layout.tp,
@@ -217,6 +217,7 @@ def convert_source(
             f.write("release" if target.release else str(target.iteration))
         pipeline.finish()
         report.seconds = time.perf_counter() - t0
+        report.cpu_seconds = time.process_time() - cpu0
         if validate:
             t1 = time.perf_counter()
             _verify(tmp, pipeline, report, true_vocab_size)

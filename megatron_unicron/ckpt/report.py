@@ -88,6 +88,7 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # open + convert + write (the GB/s figure)
     seconds_validate: float = 0.0  # reading the output back
+    cpu_seconds: float = 0.0  # user + system CPU time of the conversion (without the read-back)
     bytes_read: int = 0
     bytes_written: int = 0
     largest_tensor_bytes: int = 0
@@ -118,6 +119,7 @@ class ConversionReport:
                 "status": counts,
                 "seconds": round(self.seconds, 3),
                 "seconds_validate": round(self.seconds_validate, 3),
+                "cpu_seconds": round(self.cpu_seconds, 3),
                 "bytes_read": self.bytes_read,
                 "bytes_written": self.bytes_written,
                 "gb_per_s": round(self.bytes_read / max(self.seconds, 1e-9) / 1e9, 4),
