@@ -218,7 +218,10 @@ def convert_source(
         pipeline.finish()
         report.seconds = time.perf_counter() - t0
         report.cpu_seconds = time.process_time() - cpu0
-        if validate:
+        if not validate:
+            for entry in report.keys.values():
+                entry.verified = False
+        else:
             t1 = time.perf_counter()
             _verify(tmp, pipeline, report, true_vocab_size)
             report.seconds_validate = time.perf_counter() - t1

@@ -1,4 +1,4 @@
-"""Lazy reading and streaming writing of ``torch.save`` zip files, with bounded memory.
+"""Lazy reading of ``torch.save`` zip files with bounded memory, and tensor-tree helpers.
 
 A ``torch.save`` file is a zip archive: ``data.pkl`` (the pickled object, whose tensors refer to storages by
 key) plus one uncompressed record ``data/<key>`` per storage. ``TorchZipReader.load()`` unpickles
@@ -8,9 +8,7 @@ only when ``materialize()`` is called. Reading a whole checkpoint tensor by tens
 a time; ``torch.load(mmap=True)`` would instead keep every touched page of the file mapped until the last
 tensor of the file dies, so peak RSS would grow to the file size.
 
-``TorchZipWriter`` is the inverse: ``add(tensor)`` writes the tensor's bytes as a record at once and returns a
-``TensorRef``; ``finish(obj)`` pickles ``obj`` (whose tensors are ``TensorRef``s or small real tensors) into
-``data.pkl``. The result is an ordinary ``torch.save`` file (``torch.load`` reads it, ``mmap=True`` too).
+``zip_writer.TorchZipWriter`` is the inverse (streaming writes).
 """
 
 from __future__ import annotations
@@ -29,15 +27,7 @@ import torch
 from megatron_unicron.ckpt import safe_unpickle
 from megatron_unicron.ckpt.errors import CheckpointError
 
-__all__ = [
-    "LazyRange",
-    "LazyTensor",
-    "TensorRef",
-    "TorchZipReader",
-    "TorchZipWriter",
-    "materialize",
-    "map_tensors",
-]
+__all__ = ["FileWindow", "LazyRange", "LazyTensor", "TorchZipReader", "materialize", "map_tensors"]
 
 
 class _Bytes:
@@ -47,9 +37,9 @@ class _Bytes:
         self.source = source
         self.name = name
 
-    def read(self, offset: int, nbytes: int) -> bytearray:
-        buf = bytearray(nbytes)
-        self.read_into(offset, memoryview(buf))
+    def read(self, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+        self.read_into(offset, memoryview(buf.numpy().data))
         return buf
 
     def read_into(self, offset: int, buf: memoryview) -> None:
@@ -128,7 +118,7 @@ class LazyTensor:
         span = self._span()
         itemsize = self.dtype.itemsize
         buf = self.storage.data.read(self.storage.offset + self.storage_offset * itemsize, span * itemsize)
-        flat = torch.frombuffer(buf, dtype=self.dtype)
+        flat = buf.view(self.dtype)
         view = flat.as_strided(self.shape, self.stride)
         return view if view.is_contiguous() and span == self.numel else view.contiguous()
 
@@ -144,7 +134,7 @@ class LazyTensor:
         buf = self.storage.data.read(
             self.storage.offset + (self.storage_offset + start) * itemsize, (end - start) * itemsize
         )
-        return torch.frombuffer(buf, dtype=self.dtype) if end > start else torch.empty(0, dtype=self.dtype)
+        return buf.view(self.dtype) if end > start else torch.empty(0, dtype=self.dtype)
 
     def read_flat_into(self, start: int, end: int, dest: torch.Tensor) -> None:
         """Read elements ``[start, end)`` of the flattened tensor straight into contiguous ``dest``."""
@@ -316,8 +306,8 @@ class TorchZipReader:
 
 
 def map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
-    """Apply ``fn`` to every tensor-like leaf (``torch.Tensor``, ``LazyTensor``, ``TensorRef``)."""
-    if isinstance(obj, (torch.Tensor, LazyTensor, TensorRef)):
+    """Apply ``fn`` to every tensor-like leaf (``torch.Tensor``, ``LazyTensor``, a writer's ``TensorRef``)."""
+    if isinstance(obj, (torch.Tensor, LazyTensor)) or getattr(obj, "is_tensor_ref", False):
         return fn(obj)
     if isinstance(obj, collections.OrderedDict):
         return collections.OrderedDict((k, map_tensors(v, fn)) for k, v in obj.items())
@@ -335,96 +325,6 @@ def map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
 def materialize(obj: Any) -> Any:
     """``obj`` with every ``LazyTensor`` read into a real tensor (for small objects: RNG, steps)."""
     return map_tensors(obj, lambda t: t.materialize() if isinstance(t, LazyTensor) else t)
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """A tensor already written as a record of a ``TorchZipWriter``; pickles as that tensor."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    def __reduce__(self) -> Any:
-        stride = []
-        acc = 1
-        for s in reversed(self.shape):
-            stride.append(acc)
-            acc *= s
-        return (
-            torch._utils._rebuild_tensor_v2,
-            (
-                _StorageHandle(self.key, self.dtype, self.numel),
-                0,
-                torch.Size(self.shape),
-                tuple(reversed(stride)),
-                False,
-                collections.OrderedDict(),
-            ),
-        )
-
-
-@dataclass(frozen=True)
-class _StorageHandle:
-    key: str
-    dtype: torch.dtype
-    numel: int
-
-
-class TorchZipWriter:
-    """Writes a ``torch.save``-compatible zip file record by record (``add``), then ``finish(obj)``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._opener = torch.serialization._open_zipfile_writer(path)
-        self._writer = self._opener.__enter__()
-        self._count = 0
-        self._closed = False
-        self.nbytes = 0
-
-    def add(self, tensor: torch.Tensor) -> TensorRef:
-        """Write ``tensor``'s bytes now; the returned reference stands for it in ``finish(obj)``."""
-        t = tensor.detach().cpu().contiguous()
-        if t.untyped_storage().nbytes() != t.nbytes or t.storage_offset() != 0:
-            t = t.clone()
-        key = str(self._count)
-        self._count += 1
-        self._writer.write_record(f"data/{key}", t.untyped_storage(), t.nbytes)
-        self.nbytes += t.nbytes
-        return TensorRef(key, t.dtype, tuple(t.shape))
-
-    def finish(self, obj: Any) -> None:
-        """Pickle ``obj`` (small real tensors are written here too) and close the file."""
-        obj = map_tensors(obj, lambda t: self.add(t) if isinstance(t, torch.Tensor) else t)
-
-        def persistent_id(o: Any) -> Any:
-            if isinstance(o, _StorageHandle):
-                stype = getattr(torch, torch.storage._dtype_to_storage_type_map()[o.dtype])
-                return ("storage", stype, o.key, "cpu", o.numel)
-            return None
-
-        data = safe_unpickle.dumps(obj, protocol=2, persistent_id=persistent_id)
-        self._writer.write_record("data.pkl", data, len(data))
-        self._writer.write_record(".format_version", "1", 1)
-        align = str(torch.serialization._get_storage_alignment())
-        self._writer.write_record(".storage_alignment", align, len(align))
-        self._writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        self.close()
-        self.nbytes += len(data)
-
-    def close(self) -> None:
-        """Close the file; without ``finish`` it has no ``data.pkl`` (unreadable; callers delete it)."""
-        if not self._closed:
-            self._closed = True
-            self._opener.__exit__(None, None, None)
 
 
 class FileWindow(io.RawIOBase):

@@ -48,8 +48,8 @@ from megatron_unicron.ckpt.layout_rules import LAYER_PREFIX, parse_optimizer_key
 from megatron_unicron.ckpt.plan import Pipeline, Target, target_args
 from megatron_unicron.ckpt.report import ConversionReport
 from megatron_unicron.ckpt.source import CheckpointSource, OptimizerKind
-from megatron_unicron.ckpt.torch_zip import TorchZipWriter
 from megatron_unicron.ckpt.writer_legacy import iteration_dir
+from megatron_unicron.ckpt.zip_writer import TorchZipWriter, WriteQueue
 
 CONFIG = {
     "sharded_backend": "torch_dist",
@@ -113,40 +113,46 @@ class _StreamingFileWriter(FileSystemWriter):
     FILE_BYTES = 4 << 30  # start a new ``__0_<n>.distcp`` after this many bytes
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Write every item of the plan in order, pulling each one from the planner when it is written."""
+        """Write every item of the plan in order, pulling each one from the planner just before.
+
+        The ``torch.save`` of an item runs in a background thread while the next item is pulled (read and
+        checksummed); at most one item waits.
+        """
         results: list[WriteResult] = []
-        prefix = plan.storage_data.prefix
-        stream: Any = None
-        name, count = "", 0
-        try:
-            for item in plan.items:
-                if stream is None or stream.tell() >= self.FILE_BYTES:
-                    if stream is not None:
-                        stream.close()
-                    name = f"{prefix}{count}.distcp"
-                    count += 1
-                    stream = open(os.path.join(str(self.path), name), "wb")  # noqa: SIM115
-                data = planner.resolve_data(item)
-                offset = stream.tell()
-                if item.type == WriteItemType.BYTE_IO:
-                    stream.write(cast(io.BytesIO, data).getbuffer())
-                else:
-                    tensor = cast(torch.Tensor, data).detach().contiguous()
-                    if tensor.untyped_storage().nbytes() != tensor.nbytes:
-                        tensor = tensor.clone()
-                    torch.save(tensor, stream)
-                    del tensor, data
-                length = stream.tell() - offset
-                results.append(
-                    WriteResult(
-                        index=item.index,
-                        size_in_bytes=length,
-                        storage_data=_StorageInfo(name, offset, length),
-                    )
+        state: dict[str, Any] = {"stream": None, "name": "", "count": 0, "prefix": plan.storage_data.prefix}
+
+        def write(item: WriteItem, data: Any) -> None:  # in the writer thread only
+            stream = state["stream"]
+            if stream is None or stream.tell() >= self.FILE_BYTES:
+                if stream is not None:
+                    stream.close()
+                state["name"] = f"{state['prefix']}{state['count']}.distcp"
+                state["count"] += 1
+                stream = state["stream"] = open(os.path.join(str(self.path), state["name"]), "wb")  # noqa: SIM115
+            offset = stream.tell()
+            if item.type == WriteItemType.BYTE_IO:
+                stream.write(cast(io.BytesIO, data).getbuffer())
+            else:
+                tensor = cast(torch.Tensor, data).detach().contiguous()
+                if tensor.untyped_storage().nbytes() != tensor.nbytes:
+                    tensor = tensor.clone()
+                torch.save(tensor, stream)
+            length = stream.tell() - offset
+            results.append(
+                WriteResult(
+                    index=item.index,
+                    size_in_bytes=length,
+                    storage_data=_StorageInfo(state["name"], offset, length),
                 )
+            )
+
+        try:
+            with WriteQueue() as queue:
+                for item in plan.items:
+                    queue.submit(write, item, planner.resolve_data(item))
         finally:
-            if stream is not None:
-                stream.close()
+            if state["stream"] is not None:
+                state["stream"].close()
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut

@@ -16,6 +16,7 @@ vectors of the stage's size) are filled in memory and written at the end.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from typing import Any
 
@@ -35,7 +36,7 @@ from megatron_unicron.ckpt.layout_rules import (
 from megatron_unicron.ckpt.plan import Pipeline, Target, target_args
 from megatron_unicron.ckpt.report import ConversionReport
 from megatron_unicron.ckpt.source import CheckpointSource, OptimizerKind
-from megatron_unicron.ckpt.torch_zip import TensorRef, TorchZipWriter
+from megatron_unicron.ckpt.zip_writer import TensorRef, TorchZipWriter, WriteQueue
 
 WORD = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
@@ -83,6 +84,7 @@ class LegacyWriter:
         self.writers: dict[Rank, TorchZipWriter] = {}
         self.buffers: dict[Rank, dict[str, torch.Tensor]] = {}
         self.buffer_layouts: dict[Rank, BufferLayout] = {}
+        self._queue: WriteQueue | None = None
 
     # ------------------------------------------------------------------ streaming
     def _path(self, rank: Rank) -> str:
@@ -91,7 +93,9 @@ class LegacyWriter:
     def _writer(self, rank: Rank) -> TorchZipWriter:
         if rank not in self.writers:
             os.makedirs(self._path(rank), exist_ok=True)
-            self.writers[rank] = TorchZipWriter(os.path.join(self._path(rank), "model_optim_rng.pt"))
+            self.writers[rank] = TorchZipWriter(
+                os.path.join(self._path(rank), "model_optim_rng.pt"), self._queue
+            )
         return self.writers[rank]
 
     def _destinations(self, key: str, layer: int | None) -> list[tuple[int, str]]:
@@ -111,21 +115,23 @@ class LegacyWriter:
     def write(self) -> None:
         """Stream every target slab into the rank files, then finish them."""
         try:
-            tp = self.layout.tp
-            for key, info in self.pipeline.tensors.items():
-                split = self.pipeline.split(key)
-                for layer in info.layers:
-                    shards = tp_rules.split_full(split, self.pipeline.slab(key, layer), tp, key)
-                    for pp, dest in self._destinations(key, layer):
-                        for t in range(tp):
-                            self._put((t, pp), dest, layer, shards[t])
-                    del shards  # release the slab before the next one is read
-            for pp in range(self.layout.pp):
-                for t in range(tp):
-                    self._finish((t, pp))
+            with WriteQueue() as self._queue:  # a slab's write overlaps reading the next one
+                tp = self.layout.tp
+                for key, info in self.pipeline.tensors.items():
+                    split = self.pipeline.split(key)
+                    for layer in info.layers:
+                        shards = tp_rules.split_full(split, self.pipeline.slab(key, layer), tp, key)
+                        for pp, dest in self._destinations(key, layer):
+                            for t in range(tp):
+                                self._put((t, pp), dest, layer, shards[t])
+                        del shards  # release the slab before the next one is read
+                for pp in range(self.layout.pp):
+                    for t in range(tp):
+                        self._finish((t, pp))
         finally:
-            for w in self.writers.values():
-                w.close()
+            for w in self.writers.values():  # no-op for finished files; the caller deletes the rest
+                with contextlib.suppress(Exception):
+                    w.close()
 
     def _put(self, rank: Rank, key: str, layer: int | None, shard: torch.Tensor) -> None:
         parsed = parse_optimizer_key(key)

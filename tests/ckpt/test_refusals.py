@@ -17,7 +17,8 @@ from checks import no_partial_output
 from conftest import Saved
 
 from megatron_unicron.ckpt.convert import main
-from megatron_unicron.ckpt.torch_zip import TorchZipReader, TorchZipWriter, materialize
+from megatron_unicron.ckpt.torch_zip import TorchZipReader, materialize
+from megatron_unicron.ckpt.zip_writer import TorchZipWriter
 
 RANK = os.path.join("iter_0000002", "mp_rank_01_001", "model_optim_rng.pt")
 

@@ -19,7 +19,8 @@ import torch
 from megatron_unicron.ckpt import safe_unpickle
 from megatron_unicron.ckpt.errors import CheckpointError
 from megatron_unicron.ckpt.safe_unpickle import Placeholder, placeholder_class
-from megatron_unicron.ckpt.torch_zip import LazyTensor, TorchZipReader, TorchZipWriter, materialize
+from megatron_unicron.ckpt.torch_zip import LazyTensor, TorchZipReader, materialize
+from megatron_unicron.ckpt.zip_writer import TorchZipWriter
 
 
 class _Payload:
