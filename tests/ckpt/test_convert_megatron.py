@@ -41,6 +41,15 @@ def _rank_files(root: str) -> dict[str, Any]:
     return out
 
 
+def _dcp_layout(root: str) -> dict[str, Any]:
+    """Key -> global shape (tensors) or "bytes" (objects) of a torch_dist checkpoint's DCP metadata."""
+    import pickle
+
+    with open(os.path.join(root, "iter_0000002", ".metadata"), "rb") as f:
+        meta = pickle.load(f)
+    return {k: tuple(getattr(v, "size", ())) or "bytes" for k, v in meta.state_dict_metadata.items()}
+
+
 def _assert_same(a: Any, b: Any, path: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
@@ -81,6 +90,12 @@ def test_chain_a_swiglu_gqa_exact(mcore_a: Saved, tmp_path: Any) -> None:
         assert {k: v for k, v in vars(a["args"]).items() if k != "no_save_rng"} == {
             k: v for k, v in vars(b["args"]).items() if k != "no_save_rng"
         }
+    # megatron's torch_dist -> legacy -> our torch_dist: megatron's keys, global shapes and objects
+    back = _hop(
+        _hop(mcore_a.dist, str(tmp_path / "ml"), 2, 2, "torch"), str(tmp_path / "md"), 2, 2, "torch_dist"
+    )
+    check_dir(back, ref)
+    assert _dcp_layout(back) == _dcp_layout(mcore_a.dist)
     # megatron-core loads the hops at their layouts (world of 4 ranks; DP fills the rest)
     results = helpers.load_run(
         4,

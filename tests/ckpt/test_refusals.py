@@ -202,3 +202,25 @@ def test_bad_tracker_and_missing_iteration(legacy: str, capsys: pytest.CaptureFi
     with open(os.path.join(legacy, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("banana")
     assert "expected an iteration number" in refused(capsys, legacy, legacy + "_out")
+
+
+@pytest.mark.slow
+def test_dp_reshardable_optimizer_refused(
+    dist: str, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    """Bucket-space DistOpt state cannot change layout: refused, and --no-optimizer converts the model."""
+    import pickle
+
+    path = os.path.join(dist, "iter_0000002", ".metadata")
+    with open(path, "rb") as f:
+        meta = pickle.load(f)
+    key = "optimizer.state.exp_avg.decoder.final_layernorm.weight"
+    bucket = "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_float32.bucket_idx_0.exp_avg"
+    meta.state_dict_metadata[bucket] = meta.state_dict_metadata.pop(key)
+    for index in [i for i in meta.storage_data if i.fqn == key]:
+        meta.storage_data[type(index)(bucket, index.offset, index.index)] = meta.storage_data.pop(index)
+    with open(path, "wb") as f:
+        pickle.dump(meta, f)
+    assert "only model-space optimizer state can change layout" in refused(capsys, dist, dist + "_out")
+    out = str(tmp_path / "model_only")
+    assert main(["--load-dir", dist, "--save-dir", out, "--no-optimizer"]) == 0
