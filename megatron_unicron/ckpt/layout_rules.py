@@ -60,6 +60,10 @@ _LAYER_EXTRA = (
     "self_attention.core_attention",
     "mlp.linear_fc1",
     "mlp.linear_fc2",
+    "input_layernorm",
+    "pre_mlp_layernorm",
+    "self_attention.q_layernorm",
+    "self_attention.k_layernorm",
 )
 _TOP_SPLITS: dict[str, Split] = {
     "embedding.word_embeddings.weight": Split.VOCAB,
@@ -68,7 +72,12 @@ _TOP_SPLITS: dict[str, Split] = {
     "decoder.final_layernorm.bias": Split.REPLICATED,
     "output_layer.weight": Split.VOCAB,
 }
-_TOP_EXTRA = ("output_layer",)
+_TOP_EXTRA = (
+    "output_layer",
+    "decoder.final_layernorm",
+    "embedding.word_embeddings",
+    "embedding.position_embeddings",
+)
 # local (non-TE) layer spec names <-> sharded (TE-style) names
 _LOCAL_RENAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",

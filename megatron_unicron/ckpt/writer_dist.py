@@ -178,12 +178,17 @@ class DistWriter:
     def _objects(self) -> dict[str, Any]:
         objects: dict[str, Any] = {}
         n = self.source.spec.num_layers
-        keys = [k for k in self.source.extra_states if k.startswith(LAYER_PREFIX)]
+        keys = [
+            k for k in self.source.extra_states if k != "output_layer._extra_state"
+        ]  # megatron keeps none
         core = LAYER_PREFIX + "self_attention.core_attention._extra_state"
         if self.target.layer_spec == "te" and core not in keys:
             keys.append(core)
         for key in keys:
             if key == core and self.target.layer_spec != "te":
+                continue
+            if not key.startswith(LAYER_PREFIX):
+                objects[f"{key}/shard_0_1"] = self.source.extra_states[key][0]
                 continue
             values = self.source.extra_states.get(key, [None] * n)
             for layer in range(n):

@@ -211,8 +211,11 @@ class LegacyWriter:
                 emit_extra(f"decoder.layers.{layer - offset}.self_attention.core_attention")
             model[name] = self.refs[rank][(key, layer)]
             nxt = entries[n + 1][0].rsplit(".", 1)[0] if n + 1 < len(entries) else None
-            if layer is not None and nxt != module:  # a module's extra state follows its parameters
-                emit_extra(module)
+            if nxt != module:  # a module's extra state follows its parameters
+                if layer is not None:
+                    emit_extra(module)
+                elif module != "output_layer" and f"{module}._extra_state" in extra:
+                    model[f"{module}._extra_state"] = extra[f"{module}._extra_state"][0]
         if last and extra:  # the output layer module exists on the last stage even when its weight is tied
             model["output_layer._extra_state"] = extra.get("output_layer._extra_state", [None])[0]
         return model
