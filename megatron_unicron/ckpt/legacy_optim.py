@@ -114,8 +114,11 @@ def map_rank_optimizer(
     tied: bool,
     pp: int,
     pp_rank: int,
-) -> RankOptimizer:
-    """Name every optimizer tensor of one legacy rank file (``opt`` = its ``optimizer`` entry)."""
+) -> RankOptimizer | None:
+    """Name every optimizer tensor of one legacy rank file (``opt`` = its ``optimizer`` entry).
+
+    None when the optimizer never stepped (no Adam state yet).
+    """
     where = os.path.join(rank_dir, "model_optim_rng.pt")
     decoupled = getattr(args, "decoupled_lr", None) is not None
     if isinstance(opt, list):
@@ -128,6 +131,8 @@ def map_rank_optimizer(
     inner = opt["optimizer"] if kind is OptimizerKind.MIXED else opt
     if not isinstance(inner, dict) or "param_groups" not in inner or "state" not in inner:
         raise CheckpointError(f"{where}: optimizer state lacks param_groups/state (unknown optimizer format)")
+    if not inner["state"]:  # saved before the first step: there is no Adam state to convert
+        return None
     groups = inner["param_groups"]
     members = _assign(groups, names, shapes, decoupled, where)
     out = RankOptimizer(

@@ -239,6 +239,8 @@ class LegacySource(CheckpointSource):
                     pp=pp_n,
                     pp_rank=pp,
                 )
+                if ro is None:
+                    continue
                 optimizers[(tp, pp)] = ro
                 for name, states in ro.states.items():
                     key, layer = local_to_canonical(name, self._offsets[pp])
@@ -253,6 +255,8 @@ class LegacySource(CheckpointSource):
                 raise CheckpointError(
                     f"{key} (layer {layer}) is missing on TP rank {missing[0]} (inconsistent shards)"
                 )
+        if load_optimizer and not optimizers and any("optimizer" in f for f in files.values()):
+            self.notes.append("the optimizer never stepped (no Adam state): optimizer not converted")
         if optimizers and len(optimizers) != len(files):
             raise CheckpointError("only some rank files hold optimizer state (inconsistent shards)")
         if self.spec.tied and pp_n > 1 and any(c is None for c in self._tied_copy):
@@ -404,9 +408,3 @@ class LegacySource(CheckpointSource):
             for a, b, dst in pieces:
                 s.read_flat_into(a * per_row, b * per_row, flat[dst * per_row : (dst + b - a) * per_row])
         return out
-
-    def tied_copy(self) -> torch.Tensor | None:
-        """The last stage's ``output_layer.weight`` copy (tied embeddings, PP > 1), for consistency checks."""
-        if any(c is None for c in self._tied_copy):
-            return None
-        return torch.cat([c.materialize() for c in self._tied_copy if c is not None], dim=0)

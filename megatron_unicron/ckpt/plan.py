@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -218,8 +217,3 @@ class Pipeline:
                 entry.before = self._before[k].digest()
             # an untransformed key was written as read: its written checksum is the source's
             entry.written = self._written[k].digest() if k in self._transformed else entry.before
-
-
-def stage_of(layout: Layout, num_layers: int, layer: int) -> int:
-    """The target pipeline stage holding global layer ``layer`` (even split)."""
-    return layer // math.ceil(num_layers / layout.pp)

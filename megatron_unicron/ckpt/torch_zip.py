@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import io
-import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -365,8 +364,3 @@ class FileWindow(io.RawIOBase):
         """Close the underlying file."""
         self._f.close()
         super().close()
-
-
-def file_size(path: str) -> int:
-    """Size of a file in bytes."""
-    return os.path.getsize(path)

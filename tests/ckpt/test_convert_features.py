@@ -218,3 +218,16 @@ def test_dist_common_state_object(mcore_a: Saved, tmp_path: Any) -> None:
             ck.iteration == 2 and ck.common.optimizer is not None and float(ck.common.optimizer.step) == 2.0
         )
         assert_tensors_equal_ref(ck, reference(mcore_a.ref))
+
+
+@pytest.mark.slow
+def test_never_stepped_optimizer(mcore_a: Saved, tmp_path: Any) -> None:
+    """A checkpoint saved before the first step has no Adam state: the model converts, with a note."""
+    src = shutil.copytree(mcore_a.legacy, str(tmp_path / "in"))
+    for path in _ranks(src):
+        rewrite(path, lambda o: o["optimizer"].update(state={}))
+    report = convert(src, str(tmp_path / "out"), tp=1, pp=1, fmt="torch_dist")
+    assert report.ok and any("never stepped" in n for n in report.notes)
+    with open_checkpoint(str(tmp_path / "out")) as ck:
+        assert ck.common.optimizer is None and not any(k.startswith("optimizer.") for k in ck.tensors)
+        assert ck.args.no_save_optim is True
