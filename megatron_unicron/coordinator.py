@@ -291,7 +291,8 @@ class Coordinator:
             return
         incident = form_incident(self._open, incident_id=self._next_id, job=self.job,
                                  rank_node=self.rank_node, states=states, history=self.history, now=now,
-                                 progress=self._progress())
+                                 progress=self._progress(),
+                                 beat_age=lambda rank: self.channel.beat_age(rank, now))
         self._decide(incident, states)
 
     def _decide(self, incident: Incident, states: Mapping[int, WorkerState],

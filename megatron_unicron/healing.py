@@ -80,8 +80,13 @@ class Healer:
         )
         self.relaxed_s = detection.pg_timeout_s
         timed_collectives.apply(self.timeouts)
+        # The monitor thread's own store connection (a client connection is not shared between threads).
+        self.monitor_channel = JobChannel(channel.store.clone(), channel.keys)
         self.monitor = IterationMonitor(
-            self.timeouts, on_hang=self._report_hang, in_timed_wait=timed_collectives.in_timed_wait
+            self.timeouts,
+            on_hang=self._report_hang,
+            in_timed_wait=timed_collectives.in_timed_wait,
+            beat=lambda: self.monitor_channel.post_beat(launch_rank),
         )
         self.resume_pending = False
         self.transitions: list[TransitionReport] = []
@@ -149,7 +154,7 @@ class Healer:
     def _report_hang(self, iteration: int, elapsed: float) -> None:
         """Iteration monitor: the main thread is stuck outside any timed wait."""
         message = f"{error_text(ErrorKind.TASK_HANG)}: iteration {iteration} running for {elapsed:.2f}s"
-        self.channel.report(self._event(ErrorKind.TASK_HANG, message))
+        self.monitor_channel.report(self._event(ErrorKind.TASK_HANG, message))
 
     def recover(self, error: BaseException) -> None:
         """Report ``error``, then follow decisions until this process trains again."""
@@ -242,6 +247,7 @@ class Healer:
     def close(self) -> None:
         """Stop the monitor thread and restore the untimed collectives."""
         self.monitor.close()
+        self.monitor_channel.store.close()
         timed_collectives.revert()
 
     def summary(self) -> dict[str, Any]:

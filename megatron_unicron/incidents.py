@@ -25,7 +25,7 @@ Escalation: the same root kind on the same rank (node, for node events) within
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -172,11 +172,17 @@ class Collector:
         return now >= self.opened_at + self.grace_s and not self.silent(rank_node, states)
 
 
+# A worker's monitor thread beats every half second while its process runs Python; a live member that
+# is silent but still beating is slow (a loaded machine), not stuck: it is not called hung.
+BEAT_STALE_S = 2.0
+
+
 def infer_hangs(events: Sequence[FaultEvent], members: Sequence[int], rank_node: Mapping[int, str],
-                states: Mapping[int, WorkerState], *, job: str, generation: int, now: float
-                ) -> list[FaultEvent]:
+                states: Mapping[int, WorkerState], *, job: str, generation: int, now: float,
+                beat_age: Callable[[int], float | None] | None = None) -> list[FaultEvent]:
     """``hang`` events for members that did not report while alive: stopped, or running while peers
-    reported timeouts (the process is there, so it is not an exit; it said nothing, so it is stuck).
+    reported timeouts and no longer beating (the process is there, so it is not an exit; it said
+    nothing and its monitor thread fell silent too, so it is stuck).
 
     Their ``t_detected`` is the first peer timeout (the first in-band sign), else ``now``.
     """
@@ -188,6 +194,10 @@ def infer_hangs(events: Sequence[FaultEvent], members: Sequence[int], rank_node:
         state = states.get(rank)
         if rank in covered or state is None or not state.alive:
             continue
+        if state.status != STOPPED and beat_age is not None:
+            age = beat_age(rank)
+            if age is not None and age < BEAT_STALE_S:
+                continue  # still beating: slow, not stuck
         if state.status == STOPPED or timeouts:
             how = "is stopped (state T)" if state.status == STOPPED else "is alive"
             hung.append(FaultEvent(
@@ -283,10 +293,11 @@ class Incident:
 
 def form_incident(collector: Collector, *, incident_id: int, job: str, rank_node: Mapping[int, str],
                   states: Mapping[int, WorkerState], history: EscalationHistory, now: float,
-                  progress: Mapping[int, int] | None = None) -> Incident:
+                  progress: Mapping[int, int] | None = None,
+                  beat_age: Callable[[int], float | None] | None = None) -> Incident:
     """Close ``collector``: add inferred hangs, pick and grade the root cause."""
     inferred = infer_hangs(collector.events, collector.members, rank_node, states, job=job,
-                           generation=collector.generation, now=now)
+                           generation=collector.generation, now=now, beat_age=beat_age)
     events = tuple(collector.events) + tuple(inferred)
     root = root_cause(events)
     severity = history.grade(root, now)

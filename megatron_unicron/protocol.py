@@ -13,6 +13,7 @@ key                                written by          content
 ``gen<g>/resumed/<rank>``          workers             first good step in generation g
 ``inject/fired/<i>``               workers             scheduled fault ``i`` fired (first writer)
 ``joined/<rank>``                  workers             a returning node's worker waits to join
+``beat/<rank>``                    workers             the monitor thread's heartbeat (slow vs stuck)
 ``agent/<node>/commands``          coordinator         appended agent commands (restart ranks)
 ``stop``                           coordinator         the job stops: why, and how to resume
 ``done``                           workers             training finished (spares exit)
@@ -115,6 +116,15 @@ class JobChannel:
         """When ``rank`` resumed in ``generation``, if it did."""
         raw = self.store.try_get(f"{self.keys.gen(generation).prefix}/resumed/{rank}")
         return json.loads(raw) if raw is not None else None
+
+    def post_beat(self, rank: int) -> None:
+        """A worker's monitor thread is alive (its process runs Python)."""
+        self.store.set(f"{self.prefix}/beat/{rank}", f"{time.time():.6f}")
+
+    def beat_age(self, rank: int, now: float | None = None) -> float | None:
+        """Seconds since ``rank`` last beat, or None if it never did."""
+        raw = self.store.try_get(f"{self.prefix}/beat/{rank}")
+        return None if raw is None else (time.time() if now is None else now) - float(raw)
 
     def post_joined(self, rank: int) -> None:
         """A worker of a returning node is up and waits to be given a place."""

@@ -111,10 +111,15 @@ class IterationMonitor:
         on_hang: Callable[[int, float], None],
         poll_interval_s: float = 0.05,
         in_timed_wait: Callable[[], bool] = lambda: False,
+        beat: Callable[[], None] | None = None,
+        beat_interval_s: float = 0.5,
     ) -> None:
         self.timeouts = timeouts
         self.on_hang = on_hang
         self.in_timed_wait = in_timed_wait
+        self.beat = beat
+        self.beat_interval_s = beat_interval_s
+        self._next_beat = 0.0
         self.poll_interval_s = poll_interval_s
         self._started_at: float | None = None
         self._iteration = -1
@@ -141,6 +146,12 @@ class IterationMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
+            if self.beat is not None and time.monotonic() >= self._next_beat:
+                self._next_beat = time.monotonic() + self.beat_interval_s
+                try:
+                    self.beat()
+                except Exception:  # a heartbeat lost to a store hiccup is retried at the next beat
+                    pass
             started = self._started_at
             if started is None or self._flagged:
                 continue

@@ -133,6 +133,15 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
         if env.rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    if args.unicron.enabled and os.environ.get("UNICRON_MODE") != "unicron":
+        if env.rank == 0:
+            print(
+                f"{prog}: error: --unicron needs a self-healing launcher: start the job with "
+                "'unicron-run --unicron ...' (it runs the coordinator that answers failures)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return EXIT_BAD_INPUT
     configure_logging(env.rank)
     leaks.write_report_if_requested("start")
     import megatron.core  # noqa: F401  (imported before patching, so every module gets patched)

@@ -157,6 +157,8 @@ class RunningJob:
         self._timeout_s = timeout_s
         self._procs: list[subprocess.Popen[bytes]] = []
         self._outs: list[tuple[str, str]] = []
+        self._rejoined: list[tuple[int, subprocess.Popen[bytes], tuple[str, str]]] = []
+        self._launch = (argv, nproc_per_node, launcher_args, port, dict(full_env), cwd)
         self._result: JobResult | None = None
         try:
             for node_rank in range(nnodes):
@@ -176,6 +178,23 @@ class RunningJob:
         with open(out, "wb") as fo, open(err, "wb") as fe:
             self._procs.append(subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=fo, stderr=fe,
                                                 stdin=subprocess.DEVNULL, start_new_session=True))
+
+    def rejoin_node(self, node_rank: int) -> None:
+        """Start a new launcher for ``node_rank`` (a repaired node coming back into the running job)."""
+        argv, nproc_per_node, launcher_args, port, env, cwd = self._launch
+        count = sum(1 for k, _, _ in self._rejoined if k == node_rank) + 1
+        out, err = (os.path.join(self._dir, f"node{node_rank}.back{count}.{s}") for s in ("out", "err"))
+        cmd = launcher_argv(argv, nproc_per_node=nproc_per_node, nnodes=self.nnodes, node_rank=node_rank,
+                            master_port=port, launcher_args=launcher_args)
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=fo, stderr=fe,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self._rejoined.append((node_rank, proc, (out, err)))
+
+    def rejoined_output(self) -> str:
+        """What the launchers started by ``rejoin_node`` printed so far."""
+        return "".join(Path(o).read_text(errors="replace") + Path(e).read_text(errors="replace")
+                       for _, _, (o, e) in self._rejoined)
 
     @property
     def launcher_pids(self) -> list[int]:
@@ -215,7 +234,7 @@ class RunningJob:
         """Wait for every launcher to exit (killing the job at its deadline) and collect the result."""
         if self._result is not None:
             return self._result
-        for proc in self._procs:
+        for proc in [*self._procs, *(p for _, p, _ in self._rejoined)]:
             try:
                 proc.wait(max(0.0, self._deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -258,6 +277,9 @@ class RunningJob:
         else:
             stdout = "".join(f"=== node{n.node_rank} ===\n{n.stdout}" for n in nodes)
             stderr = "".join(f"=== node{n.node_rank} ===\n{n.stderr}" for n in nodes)
+        for k, _, (out, err) in self._rejoined:
+            stdout += f"=== node{k} (rejoined) ===\n" + Path(out).read_text(errors="replace")
+            stderr += f"=== node{k} (rejoined) ===\n" + Path(err).read_text(errors="replace")
         return JobResult(
             returncode=next((n.returncode for n in nodes if n.returncode != 0), 0), stdout=stdout,
             stderr=stderr, duration_s=duration, nodes=tuple(nodes), reports=tuple(reports),
@@ -265,18 +287,18 @@ class RunningJob:
         )
 
     def _kill_everything(self) -> None:
-        for proc in self._procs:
+        for proc in [*self._procs, *(p for _, p, _ in self._rejoined)]:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         _kill_marked(self.marker)
-        for proc in self._procs:
+        for proc in [*self._procs, *(p for _, p, _ in self._rejoined)]:
             proc.wait()
 
     def close(self) -> None:
         """Kill whatever is still running and delete the job's temporary files."""
-        if any(p.poll() is None for p in self._procs):
+        if any(p.poll() is None for p in [*self._procs, *(p for _, p, _ in self._rejoined)]):
             self._kill_everything()
         _kill_marked(self.marker)
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,140 @@
+"""Transitions of a running job with real training: restarts from replicas, lost and returning nodes,
+planned re-layouts, repeated recoveries. Oracle: the loss curve of an uninterrupted run (bit-identical
+when the layout is kept, fp32 reduction-order tolerance when it changes)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_unicron.incident_log import read_log
+from megatron_unicron.testing.harness import JobResult, assert_no_leaks, run_job, start_job
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "examples/gpt/pretrain_gpt.py")
+RELAYOUT = str(ROOT / "tests/workers/relayout.py")
+YAML = str(ROOT / "examples/gpt/configs/tiny_gpt.yaml")
+UNICRON_LAUNCHER = ("--unicron",)
+FD_SLACK = 6  # gloo's per-process transport device (see tests/test_pretrain.py)
+TOLERANCE = dict(rel=1e-5, abs=1e-5)  # fp32 reduction order after a change of layout
+
+
+def flags(tmp: Path, name: str, tp: int, pp: int, iters: int, *extra: str) -> list[str]:
+    layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+    metrics = ["--unicron-metrics-log", str(tmp / f"{name}.jsonl")]
+    return ["--yaml-cfg", YAML, *layout, "--train-iters", str(iters), *metrics, *extra]
+
+
+def unicron(tmp: Path, name: str, *inject: str) -> list[str]:
+    args = ["--unicron", "--unicron-incident-log", str(tmp / f"{name}.incidents.jsonl")]
+    for spec in inject:
+        args += ["--unicron-inject", spec]
+    return args
+
+
+def losses(tmp: Path, name: str) -> dict[int, float]:
+    lines = (tmp / f"{name}.jsonl").read_text().splitlines()
+    return {r["iteration"]: r["lm_loss"] for r in map(json.loads, lines)}
+
+
+def incidents(tmp: Path, name: str) -> list[dict]:
+    return read_log(str(tmp / f"{name}.incidents.jsonl"))
+
+
+def check(result: JobResult) -> None:
+    assert result.returncode == 0, result.output[-5000:]
+    assert_no_leaks(result, fd_slack=FD_SLACK)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[int, float]]]:
+    """Uninterrupted runs: TP1 PP2 DP2 (4 ranks) and TP2 PP1 (2 ranks), with --unicron and no fault."""
+    tmp = tmp_path_factory.mktemp("reference")
+    for name, tp, pp, iters, nproc in (("pp2dp2", 1, 2, 16, 4), ("tp2", 2, 1, 22, 2)):
+        argv = [SCRIPT, *flags(tmp, name, tp, pp, iters), *unicron(tmp, name)]
+        check(run_job(argv, nproc_per_node=nproc, timeout_s=300, launcher_args=UNICRON_LAUNCHER))
+    return tmp, {"pp2dp2": losses(tmp, "pp2dp2"), "tp2": losses(tmp, "tp2")}
+
+
+@pytest.mark.timeout(900)
+def test_kills_and_a_hang_restart_from_dp_replicas_and_match_exactly(reference, tmp_path: Path) -> None:
+    _, curves = reference
+    faults = ("kill:3:3:forward", "kill:2:6:allreduce", "hang:1:9:forward", "kill:0:12:optimizer")
+    argv = [SCRIPT, *flags(tmp_path, "run", 1, 2, 16), *unicron(tmp_path, "run", *faults)]
+    check(run_job(argv, nproc_per_node=4, timeout_s=600, launcher_args=UNICRON_LAUNCHER))
+    found = [
+        (i["root_kind"], i["severity"], i["action"], i["ranks"], i["outcome"])
+        for i in incidents(tmp_path, "run")
+    ]
+    assert found == [
+        ("exited", "SEV2", "restart", [3], "resumed"),
+        ("exited", "SEV2", "restart", [2], "resumed"),
+        ("hang", "SEV2", "restart", [1], "resumed"),
+        ("exited", "SEV2", "restart", [0], "resumed"),
+    ]
+    assert losses(tmp_path, "run") == curves["pp2dp2"]  # the layout was kept: bit-identical
+
+
+@pytest.mark.timeout(900)
+def test_lost_node_shrinks_then_scales_back_up(reference, tmp_path: Path) -> None:
+    _, curves = reference
+    # Slowed iterations keep training going while the returning node's workers start.
+    slow = ("slow=4:0:6", "slow=4:1:6")
+    argv = [SCRIPT, *flags(tmp_path, "run", 1, 2, 60), *unicron(tmp_path, "run", "node:3:5", *slow)]
+    with start_job(argv, nproc_per_node=2, nnodes=2, timeout_s=600, launcher_args=UNICRON_LAUNCHER) as job:
+        job.wait_for_output("-> reconfigure", timeout_s=240)
+        time.sleep(1.0)
+        job.rejoin_node(1)
+        job.wait_for_output("scale-up to", timeout_s=240)
+        result = job.wait()
+    assert result.nodes[0].returncode == 0, result.output[-5000:]
+    assert "rejoining a running job" in result.stderr
+    (lost,) = [i for i in incidents(tmp_path, "run") if i["root_kind"] == "lost-node"]
+    assert (lost["severity"], lost["action"], lost["node"], lost["outcome"]) == (
+        "SEV1",
+        "reconfigure",
+        "node1",
+        "resumed",
+    )
+    assert lost["t_detected"] - lost["t_fault"] < 6.0
+    curve = losses(tmp_path, "run")
+    reference_run = run_job(
+        [SCRIPT, *flags(tmp_path, "ref", 1, 2, 60), "--unicron"], nproc_per_node=4, timeout_s=300
+    )
+    check(reference_run)
+    expected = losses(tmp_path, "ref")
+    assert [curve[i] for i in range(5, 61)] == pytest.approx([expected[i] for i in range(5, 61)], **TOLERANCE)
+    del curves
+
+
+@pytest.mark.timeout(600)
+def test_ten_reattempts_leak_nothing_and_match_exactly(reference, tmp_path: Path) -> None:
+    _, curves = reference
+    # Ten different (kind, rank) pairs: the same fault recurring on a rank would escalate to a restart.
+    kinds = ("conn-reset", "network", "conn-refused", "link-flap", "nccl-timeout")
+    faults = [f"{kinds[k // 2]}:{k % 2}:{2 + 2 * k}:backward" for k in range(10)]
+    extra = ("--unicron-detection-pg-timeout-s", "3")
+    argv = [SCRIPT, *flags(tmp_path, "run", 2, 1, 22, *extra), *unicron(tmp_path, "run", *faults)]
+    check(run_job(argv, nproc_per_node=2, timeout_s=500, launcher_args=UNICRON_LAUNCHER))
+    found = incidents(tmp_path, "run")
+    assert [(i["root_kind"], i["action"], i["outcome"]) for i in found] == [
+        ("conn-reset", "reattempt", "resumed")
+    ] * 10
+    assert losses(tmp_path, "run") == curves["tp2"]
+
+
+@pytest.mark.timeout(600)
+def test_planned_relayouts_in_the_same_processes(reference, tmp_path: Path) -> None:
+    tmp, _ = reference
+    argv = [RELAYOUT, *flags(tmp_path, "chain", 2, 2, 12)]
+    result = run_job(argv, nproc_per_node=4, timeout_s=300, env={"RELAYOUT": "3:1,2;6:2,1;9:2,2"})
+    check(result)
+    plain = run_job([SCRIPT, *flags(tmp_path, "plain", 2, 2, 12)], nproc_per_node=4, timeout_s=300)
+    check(plain)
+    chain, expected = losses(tmp_path, "chain"), losses(tmp_path, "plain")
+    assert [chain[i] for i in range(1, 4)] == [expected[i] for i in range(1, 4)]
+    assert [chain[i] for i in range(4, 13)] == pytest.approx([expected[i] for i in range(4, 13)], **TOLERANCE)
+    del tmp
