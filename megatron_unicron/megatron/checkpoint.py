@@ -203,6 +203,55 @@ def save(root: str, trainer: Trainer, args: MegatronArgs) -> float:
     return time.perf_counter() - started
 
 
+def _is_legacy(directory: str) -> bool:
+    """Megatron-LM's test: a legacy (``--ckpt-format torch``) checkpoint has ``mp_rank_0*`` entries."""
+    return os.path.isdir(directory) and any(name.startswith("mp_rank_0") for name in os.listdir(directory))
+
+
+def _load_legacy(root: str, trainer: Trainer, args: MegatronArgs) -> bool:
+    """Reshard a legacy checkpoint to this layout as torch_dist (rank 0, into a temporary directory), then
+    load that like any torch_dist checkpoint; the temporary copy is removed afterwards."""
+    import tempfile
+
+    from megatron_unicron.ckpt import open_checkpoint, write_torch_dist
+    from megatron_unicron.ckpt.errors import CheckpointError
+
+    gen = trainer.generation
+    assert gen is not None
+    staged = [tempfile.mkdtemp(prefix="unicron_load_")] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(staged, src=0)
+    staging = str(staged[0])
+    target = os.path.join(staging, "checkpoint")
+    failure = [""]
+    if dist.get_rank() == 0:
+        try:
+            source = open_checkpoint(root, true_vocab_size=trainer.tokenizer.vocab_size)
+            write_torch_dist(
+                source,
+                target,
+                tp=gen.coords.tp_size,
+                pp=gen.coords.pp_size,
+                no_optimizer=args.no_load_optim,
+                target_optimizer="distributed" if args.use_distributed_optimizer else "plain",
+            )
+        except CheckpointError as error:
+            failure[0] = f"--load {root}: {error}"
+    dist.broadcast_object_list(failure, src=0)
+    try:
+        if failure[0]:
+            raise ConfigError(failure[0])
+        logger.info(
+            "resharded the legacy checkpoint %s to TP%d PP%d", root, gen.coords.tp_size, gen.coords.pp_size
+        )
+        return load(target, trainer, args)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def load(root: str, trainer: Trainer, args: MegatronArgs) -> bool:
     """Resume from the checkpoint ``root`` names; False (and a log line) when it holds none."""
     from megatron.core import dist_checkpointing
@@ -214,10 +263,11 @@ def load(root: str, trainer: Trainer, args: MegatronArgs) -> bool:
         logger.warning("--load %s has no %s: training from scratch", root, TRACKER_FILE)
         return False
     directory = checkpoint_dir(root, iteration)
+    if _is_legacy(directory):
+        return _load_legacy(root, trainer, args)
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
         raise ConfigError(
-            f"--load {root}: {directory} is not a torch_dist checkpoint "
-            "(convert a legacy checkpoint with unicron-convert --ckpt-format torch_dist)"
+            f"--load {root}: {directory} is neither a torch_dist nor a legacy (torch) Megatron checkpoint"
         )
     _import_dist_checkpointing()
     optimizer_fixes.apply()
@@ -230,7 +280,8 @@ def load(root: str, trainer: Trainer, args: MegatronArgs) -> bool:
         and getattr(saved_args, "pipeline_model_parallel_size", None) == gen.coords.pp_size
     )
     request = sharded_state(trainer, args, for_loading=True)
-    load_rng = same_layout and not args.no_load_rng and not args.finetune
+    saved_rng = not getattr(saved_args, "no_save_rng", False)
+    load_rng = same_layout and saved_rng and not args.no_load_rng and not args.finetune
     if not load_rng:
         request.pop("rng_state")
     loaded = dist_checkpointing.load(request, directory)
