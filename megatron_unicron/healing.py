@@ -95,6 +95,8 @@ class Healer:
     def attempt(self, step: Callable[[], T]) -> T:
         """Run ``step``; on failure recover as decided and run it again."""
         is_iteration = getattr(step, "__func__", None) is type(self.trainer).train_step
+        if is_iteration:
+            self._maybe_switch(self.trainer.progress.iteration)
         while True:
             try:
                 if is_iteration:
@@ -123,10 +125,13 @@ class Healer:
         if self.resume_pending:
             self.channel.post_resumed(self.generation, self.launch_rank, iteration)
             self.resume_pending = False
-        self._maybe_switch(iteration)
 
     def _maybe_switch(self, iteration: int) -> None:
-        """Between iterations: enter a planned generation (a scale-up) when its iteration has come."""
+        """Before an iteration: enter a planned generation (a scale-up) once its iteration has come.
+
+        Checked before the next step rather than after the last one, so the finished iteration is still
+        reported by the rank that reported it.
+        """
         decision = self.channel.decision(self.generation + 1)
         if decision is None or decision.at_iteration is None or iteration < decision.at_iteration:
             return

@@ -20,6 +20,7 @@ from megatron_unicron.events import Action, Decision, LayoutSpec  # noqa: E402
 from megatron_unicron.megatron.args import parse_args, resolve_world  # noqa: E402
 from megatron_unicron.megatron.pretrain import configure_logging  # noqa: E402
 from megatron_unicron.megatron.train import Trainer, WorkerEnv  # noqa: E402
+from megatron_unicron.testing import leaks  # noqa: E402
 from megatron_unicron.transition.controller import run_transition  # noqa: E402
 
 
@@ -27,6 +28,7 @@ def main() -> int:
     env = WorkerEnv.from_environ()
     args = resolve_world(parse_args(sys.argv[1:]), env.world_size)
     configure_logging(env.rank)
+    leaks.write_report_if_requested("start")
     import megatron.core  # noqa: F401
 
     from megatron_unicron.megatron import cpu
@@ -73,11 +75,12 @@ def main() -> int:
         reports.append(asdict(report))
 
     trainer.train(on_iteration=maybe_relayout)
-    trainer.end_generation()
+    trainer.finish()
     if os.environ.get("RELAYOUT_REPORT"):
         with open(os.environ["RELAYOUT_REPORT"], "a") as f:
             for r in reports:
                 f.write(json.dumps({"rank": env.rank, **r}) + "\n")
+    leaks.write_report_if_requested("end")
     return 0
 
 
