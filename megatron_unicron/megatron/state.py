@@ -89,10 +89,18 @@ class Targets:
     _factories: dict[str, Any] = field(repr=False)
 
 
-def state_request(bundle: ModelBundle, args: MegatronArgs, *, for_loading: bool) -> dict[str, Any]:
-    """The sharded state dict of model and optimizer in the current layout."""
+def state_request(
+    bundle: ModelBundle, args: MegatronArgs, *, for_loading: bool, optimizer: bool = True
+) -> dict[str, Any]:
+    """The sharded state dict of the model, and of the optimizer unless ``optimizer`` is False.
+
+    A DistributedOptimizer's state is described locally elsewhere (``distopt_state``): its own
+    model-space description gathers over the data-parallel group.
+    """
     metadata = content_metadata(args)
     request: dict[str, Any] = {"model": bundle.gpt.sharded_state_dict(metadata=metadata)}
+    if not optimizer:
+        return request
     if for_loading and args.use_distributed_optimizer:
         optimizer_fixes.prime_optimizer_state(bundle.optimizer)
     request["optimizer"] = bundle.optimizer.sharded_state_dict(
@@ -101,7 +109,7 @@ def state_request(bundle: ModelBundle, args: MegatronArgs, *, for_loading: bool)
     return request
 
 
-def live_shards(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
+def live_shards(bundle: ModelBundle, args: MegatronArgs, *, optimizer: bool = True) -> CapturedState:
     """This rank's state *without copying*: the tensors are views of live parameters and Adam state.
 
     They change at every optimizer step: copy them before the next step (snapshots) or clone them
@@ -112,7 +120,8 @@ def live_shards(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
-    sharded, common = save_preprocess(state_request(bundle, args, for_loading=False), False)
+    request = state_request(bundle, args, for_loading=False, optimizer=optimizer)
+    sharded, common = save_preprocess(request, False)
     metas: list[ShardMeta] = []
     tensors: list[torch.Tensor] = []
     objects: dict[tuple[str, tuple[int, ...]], Any] = {}
@@ -127,9 +136,9 @@ def live_shards(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
     return CapturedState(metas=metas, tensors=tensors, objects=objects, common=common)
 
 
-def capture(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
+def capture(bundle: ModelBundle, args: MegatronArgs, *, optimizer: bool = True) -> CapturedState:
     """Clone this rank's whole state to CPU memory; no communication."""
-    live = live_shards(bundle, args)
+    live = live_shards(bundle, args, optimizer=optimizer)
     return CapturedState(
         metas=live.metas,
         tensors=[t.to("cpu", copy=True) for t in live.tensors],
@@ -138,14 +147,15 @@ def capture(bundle: ModelBundle, args: MegatronArgs) -> CapturedState:
     )
 
 
-def prepare_targets(bundle: ModelBundle, args: MegatronArgs) -> Targets:
+def prepare_targets(bundle: ModelBundle, args: MegatronArgs, *, optimizer: bool = True) -> Targets:
     """Describe, and allocate, what the current layout needs on this rank."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
     from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
-    sharded, nonpersistent, factories = load_preprocess(state_request(bundle, args, for_loading=True))
+    request = state_request(bundle, args, for_loading=True, optimizer=optimizer)
+    sharded, nonpersistent, factories = load_preprocess(request)
     sharded, _ = extract_sharded_base(sharded)
     sharded_tensors = [x for x in nested_values(sharded) if isinstance(x, ShardedTensor)]
     metas, tensors = [], []
@@ -195,5 +205,6 @@ def load_targets(
     merge(result, state)
     result = apply_factory_merges(result, targets._factories)
     bundle.gpt.load_state_dict(result["model"])
-    bundle.optimizer.load_state_dict(result["optimizer"])
-    optimizer_fixes.unshare_step_tensors(bundle.optimizer)
+    if "optimizer" in result:
+        bundle.optimizer.load_state_dict(result["optimizer"])
+        optimizer_fixes.unshare_step_tensors(bundle.optimizer)

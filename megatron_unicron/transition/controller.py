@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,10 +30,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_unicron.events import Decision
+from megatron_unicron.megatron import distopt_state
 from megatron_unicron.megatron import state as mstate
 from megatron_unicron.megatron.guard import RngState, restore_scheduler
 from megatron_unicron.store import Store
 from megatron_unicron.transition import exchange
+from megatron_unicron.transition.flat_plan import FlatHolding, FlatNeed, plan_flat
 from megatron_unicron.transition.transfer_plan import (
     Holding,
     Need,
@@ -72,6 +75,9 @@ class _Post:
     holdings: list[mstate.ShardMeta]
     needs: list[mstate.ShardMeta]
     coords: tuple[int, int, int, int] | None  # (tp_size, pp_size, tp_rank, pp_rank) of the captured state
+    flat_holdings: list[distopt_state.FlatMeta] = field(default_factory=list)
+    flat_needs: list[distopt_state.FlatMeta] = field(default_factory=list)
+    adam_step: float | None = None
     objects: dict[tuple[str, tuple[int, ...]], Any] | None = None
     common: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
@@ -149,6 +155,106 @@ def _from_checkpoint(
     )
 
 
+def _capture(
+    trainer: Trainer, guard: StepGuard, broken: bool
+) -> tuple[mstate.CapturedState | None, Any, float | None, tuple[int, int, int, int] | None, dict[str, Any]]:
+    """This process's state (CPU copies), its DistributedOptimizer shards, and its trainer-level state."""
+    if trainer.generation is None:
+        return None, None, None, None, {}
+    gen = trainer.generation
+    c = gen.coords
+    distopt = distopt_state.uses_distributed_optimizer(gen.bundle)
+    captured = mstate.capture(gen.bundle, trainer.args, optimizer=not distopt)
+    flat = None
+    step = None
+    if distopt:
+        metas, views = distopt_state.optimizer_shards(gen.bundle, trainer.args)
+        flat = (metas, [v.clone() for v in views])
+        step = distopt_state.adam_step(gen.bundle)
+    own = dict(
+        scheduler=gen.bundle.scheduler.state_dict(),
+        progress=vars(trainer.progress).copy(),
+        rng=RngState.capture() if not broken else guard.iteration_start,
+    )
+    return captured, flat, step, (c.tp_size, c.pp_size, c.tp_rank, c.pp_rank), own
+
+
+def _target_views(
+    everyone: dict[int, _Post], me: int, targets: mstate.Targets | None, flat_needs: Any
+) -> list[torch.Tensor]:
+    """This process's target buffers by need index: model/optimizer boxes (clipped), then flat ranges."""
+    views = [torch.empty(0)] * (len(targets.tensors) if targets else 0)  # placeholders for clipped-out
+    if targets is not None:
+        shape_of = _global_shapes(everyone)
+        for j, meta in enumerate(everyone[me].needs):
+            box = _clip(meta.box, shape_of.get(meta.key, meta.global_shape))
+            if box is not None:
+                local = tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, meta.box))
+                views[j] = targets.tensors[j][local]
+    return views + (list(flat_needs[1]) if flat_needs else [])
+
+
+def _global_shapes(everyone: dict[int, _Post]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for post in everyone.values():
+        for meta in post.holdings:
+            shapes.setdefault(meta.key, meta.global_shape)
+    return shapes
+
+
+def _plan(everyone: dict[int, _Post]) -> list[Any]:
+    """The pieces of the transition: boxes (model, plain optimizer), then flat ranges (DistOpt state)."""
+    rank_node = {r: p.node for r, p in everyone.items()}
+    shape_of = _global_shapes(everyone)
+    holdings, needs, flat_holdings, flat_needs = [], [], [], []
+    for r, p in everyone.items():
+        for i, meta in enumerate(p.holdings):
+            holdings.append(Holding(r, i, meta.key, meta.box, SourceKind.LIVE, p.node))
+        for i, flat in enumerate(p.flat_holdings):
+            flat_holdings.append(
+                FlatHolding(r, len(p.holdings) + i, flat.key, flat.box, flat.flat, SourceKind.LIVE, p.node)
+            )
+        for j, meta in enumerate(p.needs):
+            box = _clip(meta.box, shape_of.get(meta.key, meta.global_shape))
+            if box is not None:
+                needs.append(Need(r, j, meta.key, box))
+        for j, flat in enumerate(p.flat_needs):
+            flat_needs.append(FlatNeed(r, len(p.needs) + j, flat.key, flat.box, flat.flat))
+    pieces: list[Any] = list(plan_transfer(holdings, needs, rank_node).pieces)
+    pieces.extend(plan_flat(flat_holdings, flat_needs, rank_node))
+    return pieces
+
+
+def _load(trainer: Trainer, post: _Post, everyone: dict[int, _Post], targets: mstate.Targets) -> None:
+    """Load what arrived, and the trainer-level state (schedule, data position, RNG of the position)."""
+    assert trainer.generation is not None
+    bundle = trainer.generation.bundle
+    objects: dict[tuple[str, tuple[int, ...]], Any] = {}
+    for p in everyone.values():  # small values (e.g. layers' _extra_state): any holder will do
+        for key, value in (p.objects or {}).items():
+            objects.setdefault(key, value)
+    donor = post if post.common is not None else next(p for p in everyone.values() if p.common is not None)
+    assert donor.common is not None
+    mstate.load_targets(bundle, targets, objects, donor.common)
+    if distopt_state.uses_distributed_optimizer(bundle):
+        step = next(p.adam_step for p in everyone.values() if p.adam_step is not None)
+        distopt_state.set_adam_step(bundle, step)
+    state_donor = post if post.scheduler is not None else donor
+    assert state_donor.scheduler is not None and state_donor.progress is not None
+    restore_scheduler(bundle.scheduler, state_donor.scheduler)
+    for name, value in state_donor.progress.items():
+        setattr(trainer.progress, name, value)
+    new = trainer.generation.coords
+    position = (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank)
+    candidates = ([post] if post.coords == position else []) + [
+        p for p in everyone.values() if p.coords == position
+    ]
+    for candidate in candidates:
+        if candidate.rng is not None:
+            candidate.rng.restore()
+            break
+
+
 def run_transition(
     trainer: Trainer,
     guard: StepGuard,
@@ -180,30 +286,22 @@ def run_transition(
         _align(trainer, guard, target, in_flight=broken)
     lap("agree")
 
-    captured = None
-    coords = None
-    own: dict[str, Any] = {}
-    if trainer.generation is not None:
-        gen = trainer.generation
-        c = gen.coords
-        coords = (c.tp_size, c.pp_size, c.tp_rank, c.pp_rank)
-        captured = mstate.capture(gen.bundle, trainer.args)
-        own = dict(
-            scheduler=gen.bundle.scheduler.state_dict(),
-            progress=vars(trainer.progress).copy(),
-            rng=RngState.capture() if not broken else guard.iteration_start,
-        )
+    captured, flat_holdings, adam_step, coords, own = _capture(trainer, guard, broken)
     lap("capture")
     trainer.leave_generation(broken=broken)
     lap("leave")
 
     new_rank = decision.new_rank(launch_rank)
-    targets = None
+    targets, flat_needs = None, None
     if new_rank is not None:
         layout = decision.layout
         trainer.start_generation(decision.generation, new_rank, len(decision.members), layout.tp, layout.pp)
         assert trainer.generation is not None
-        targets = mstate.prepare_targets(trainer.generation.bundle, trainer.args)
+        bundle = trainer.generation.bundle
+        distopt = distopt_state.uses_distributed_optimizer(bundle)
+        targets = mstate.prepare_targets(bundle, trainer.args, optimizer=not distopt)
+        if distopt:  # the new optimizer's (zero) state tensors are filled in place
+            flat_needs = distopt_state.optimizer_shards(bundle, trainer.args)
     lap("rebuild")
 
     post = _Post(
@@ -214,29 +312,17 @@ def run_transition(
         coords=coords,
         objects=captured.objects if captured else None,
         common=captured.common if captured else None,
+        flat_holdings=flat_holdings[0] if flat_holdings else [],
+        flat_needs=flat_needs[0] if flat_needs else [],
+        adam_step=adam_step,
         **own,
     )
     posts.put("state", me, post)
     everyone: dict[int, _Post] = posts.gather("state", list(range(len(live))))
-    rank_node = {r: p.node for r, p in everyone.items()}
-    holdings: list[Holding] = []
-    shape_of: dict[str, tuple[int, ...]] = {}
-    for r, p in everyone.items():
-        for i, meta in enumerate(p.holdings):
-            holdings.append(Holding(r, i, meta.key, meta.box, SourceKind.LIVE, p.node))
-            shape_of.setdefault(meta.key, meta.global_shape)
-    needs: list[Need] = []
-    target_views: list[Any] = []
-    for r, p in everyone.items():
-        for j, meta in enumerate(p.needs):
-            box = _clip(meta.box, shape_of.get(meta.key, meta.global_shape))
-            if box is not None:
-                needs.append(Need(r, j, meta.key, box))
-                if r == me and targets is not None:
-                    local = tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, meta.box))
-                    target_views.append((j, targets.tensors[j][local]))
+    sources = (captured.tensors if captured else []) + (flat_holdings[1] if flat_holdings else [])
+    views = _target_views(everyone, me, targets, flat_needs)
     try:
-        plan = plan_transfer(holdings, needs, rank_node)
+        pieces = _plan(everyone)
     except UncoveredError as uncovered:
         # Some shard has no live copy (e.g. a dead rank without a DP replica): every process sees the same
         # hole, so all members reload the newest persistent checkpoint together (state stays consistent).
@@ -245,52 +331,23 @@ def run_transition(
     lap("plan")
 
     channel: Any = None
-    if plan.pairs():
+    if exchange.pairs(pieces):
         channel = dist.ProcessGroupGloo(
             dist.PrefixStore(f"{posts.prefix}/channel", trainer.store.c10d_store), me, len(live), timeout
         )
-    views = [torch.empty(0)] * (len(targets.tensors) if targets else 0)  # placeholders for clipped-out needs
-    for j, view in target_views:
-        views[j] = view
-    stats = exchange.execute(
-        plan, me, captured.tensors if captured else [], views, channel=channel, timeout=timeout
-    )
+    stats = exchange.execute(pieces, me, sources, views, channel=channel, timeout=timeout)
     del channel
     lap("transfer")
 
     if targets is not None and trainer.generation is not None:
-        objects: dict[tuple[str, tuple[int, ...]], Any] = {}
-        for p in everyone.values():  # small values (e.g. layers' _extra_state): any holder will do
-            for key, value in (p.objects or {}).items():
-                objects.setdefault(key, value)
-        donor = post if captured is not None else next(p for p in everyone.values() if p.common is not None)
-        assert donor.common is not None
-        mstate.load_targets(trainer.generation.bundle, targets, objects, donor.common)
-        state_donor = post if post.scheduler is not None else donor
-        assert state_donor.scheduler is not None and state_donor.progress is not None
-        restore_scheduler(trainer.generation.bundle.scheduler, state_donor.scheduler)
-        for name, value in state_donor.progress.items():
-            setattr(trainer.progress, name, value)
-        new = trainer.generation.coords
-        same_position = [
-            p.rng for p in everyone.values()
-            if p.coords == (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank) and p.rng is not None
-        ]  # fmt: skip
-        own_first = [post.rng] if post.coords == (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank) else []
-        for rng in own_first + same_position:
-            if rng is not None:
-                rng.restore()
-                break
+        _load(trainer, post, everyone, targets)
     lap("load")
 
-    needed = sum(
-        p.numel * (targets.tensors[p.dst_index].element_size() if targets else 0)
-        for p in plan.pieces
-        if p.dst_rank == me and not p.is_local
-    )
-    by_tier: dict[str, int] = {}
-    for tier, elements in plan.elements_by_tier().items():
-        by_tier[Tier(tier).name.lower()] = elements
+    element_bytes = {id(p): views[p.dst_index].element_size() for p in pieces if p.dst_rank == me}
+    needed = sum(p.numel * element_bytes[id(p)] for p in pieces if p.dst_rank == me and not p.is_local)
+    by_tier: dict[str, int] = defaultdict(int)
+    for piece in pieces:
+        by_tier[Tier(piece.tier).name.lower()] += piece.numel
     return TransitionReport(
         generation=decision.generation,
         layout=str(decision.layout),
@@ -299,5 +356,5 @@ def run_transition(
         seconds=seconds,
         bytes_moved=stats.received_bytes,
         bytes_needed=needed,
-        bytes_by_tier=by_tier,
+        bytes_by_tier=dict(by_tier),
     )

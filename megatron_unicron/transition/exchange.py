@@ -18,7 +18,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_unicron.transition.transfer_plan import Box, Piece, TransferPlan
+from megatron_unicron.transition.flat_plan import FlatPiece
+from megatron_unicron.transition.transfer_plan import Box, Piece
+
+AnyPiece = Piece | FlatPiece
 
 
 class CorruptTransferError(RuntimeError):
@@ -53,27 +56,54 @@ def checksum(buffer: torch.Tensor) -> int:
     return zlib.crc32(buffer.numpy().tobytes()) if buffer.numel() else 0
 
 
-def _pack(pieces: Sequence[Piece], sources: Sequence[torch.Tensor]) -> torch.Tensor:
-    parts = [_as_bytes(sources[p.src_index][_slices(p.src_slices)].cpu()) for p in pieces]
+def _read(piece: AnyPiece, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The piece's values at its source, flattened."""
+    source = sources[piece.src_index]
+    if isinstance(piece, FlatPiece):
+        flat = source.reshape(-1)
+        return torch.cat([flat[start : start + length] for start, _, length in piece.runs])
+    return source[_slices(piece.src_slices)].reshape(-1)
+
+
+def _write(piece: AnyPiece, targets: Sequence[torch.Tensor], values: torch.Tensor) -> None:
+    """Put the piece's (flattened) values at its destination."""
+    target = targets[piece.dst_index]
+    if isinstance(piece, FlatPiece):
+        flat = target.view(-1)
+        offset = 0
+        for _, start, length in piece.runs:
+            flat[start : start + length].copy_(values[offset : offset + length])
+            offset += length
+        return
+    view = target[_slices(piece.dst_slices)]
+    view.copy_(values.view(view.shape))
+
+
+def _pack(pieces: Sequence[AnyPiece], sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    parts = [_as_bytes(_read(p, sources).cpu()) for p in pieces]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
 
-def _unpack(buffer: torch.Tensor, pieces: Sequence[Piece], targets: Sequence[torch.Tensor]) -> None:
+def _unpack(buffer: torch.Tensor, pieces: Sequence[AnyPiece], targets: Sequence[torch.Tensor]) -> None:
     offset = 0
     for piece in pieces:
-        view = targets[piece.dst_index][_slices(piece.dst_slices)]
-        nbytes = view.numel() * view.element_size()
-        chunk = buffer[offset : offset + nbytes].view(view.dtype).view(view.shape)
-        view.copy_(chunk)
+        dtype = targets[piece.dst_index].dtype
+        nbytes = piece.numel * targets[piece.dst_index].element_size()
+        _write(piece, targets, buffer[offset : offset + nbytes].view(dtype))
         offset += nbytes
 
 
-def _piece_bytes(pieces: Sequence[Piece], targets: Sequence[torch.Tensor]) -> int:
+def _piece_bytes(pieces: Sequence[AnyPiece], targets: Sequence[torch.Tensor]) -> int:
     return sum(p.numel * targets[p.dst_index].element_size() for p in pieces)
 
 
+def pairs(pieces: Sequence[AnyPiece]) -> list[tuple[int, int]]:
+    """Distinct (source, destination) pairs that exchange data between processes."""
+    return sorted({(p.src_rank, p.dst_rank) for p in pieces if not p.is_local})
+
+
 def execute(
-    plan: TransferPlan,
+    pieces: Sequence[AnyPiece],
     rank: int,
     sources: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
@@ -81,7 +111,7 @@ def execute(
     channel: dist.ProcessGroup | None,
     timeout: timedelta = timedelta(seconds=60),
 ) -> ExchangeStats:
-    """Run this rank's part of ``plan``: ``sources`` by holding index, ``targets`` by need index.
+    """Run this rank's part of a plan's ``pieces``: ``sources`` by holding index, ``targets`` by need index.
 
     ``channel`` is a process group whose ranks are the plan's ranks (it may be a private gloo group
     that is not registered with torch.distributed, so ranks outside the training world can serve);
@@ -90,42 +120,41 @@ def execute(
     """
     started = time.perf_counter()
     local_bytes = 0
-    for piece in plan.pieces:
+    for piece in pieces:
         if piece.is_local and piece.dst_rank == rank:
-            view = targets[piece.dst_index][_slices(piece.dst_slices)]
-            view.copy_(sources[piece.src_index][_slices(piece.src_slices)])
-            local_bytes += view.numel() * view.element_size()
+            _write(piece, targets, _read(piece, sources))
+            local_bytes += piece.numel * targets[piece.dst_index].element_size()
     works = []
-    receives: list[tuple[int, torch.Tensor, torch.Tensor, list[Piece]]] = []
+    receives: list[tuple[int, torch.Tensor, torch.Tensor, list[AnyPiece]]] = []
     sent = 0
-    for src, dst in plan.pairs():
+    for src, dst in pairs(pieces):
         if rank not in (src, dst):
             continue
         if channel is None:
             raise RuntimeError("the transfer plan moves data between processes but no channel was given")
         if src == rank:
-            payload = _pack(plan.between(src, dst), sources)
+            payload = _pack([p for p in pieces if (p.src_rank, p.dst_rank) == (src, dst)], sources)
             header = torch.tensor([checksum(payload), payload.numel()], dtype=torch.int64)
             works.append(channel.send([header], dst, 0))
             works.append(channel.send([payload], dst, 1))
             sent += payload.numel()
         else:
-            pieces = plan.between(src, dst)
+            incoming = [p for p in pieces if (p.src_rank, p.dst_rank) == (src, dst)]
             header = torch.empty(2, dtype=torch.int64)
-            buffer = torch.empty(_piece_bytes(pieces, targets), dtype=torch.uint8)
+            buffer = torch.empty(_piece_bytes(incoming, targets), dtype=torch.uint8)
             works.append(channel.recv([header], src, 0))
             works.append(channel.recv([buffer], src, 1))
-            receives.append((src, header, buffer, pieces))
+            receives.append((src, header, buffer, incoming))
     for work in works:
         work.wait(timeout)
     received = 0
-    for src, header, buffer, pieces in receives:
+    for src, header, buffer, incoming in receives:
         expected_sum, expected_len = int(header[0]), int(header[1])
         if expected_len != buffer.numel() or checksum(buffer) != expected_sum:
             raise CorruptTransferError(
                 src, f"state received from rank {src} fails its checksum ({buffer.numel()} bytes)"
             )
-        _unpack(buffer, pieces, targets)
+        _unpack(buffer, incoming, targets)
         received += buffer.numel()
     return ExchangeStats(
         sent_bytes=sent,

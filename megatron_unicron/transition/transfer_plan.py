@@ -147,7 +147,8 @@ class UncoveredError(RuntimeError):
     """Some needed element has no valid source at all (a shard whose every copy is lost)."""
 
 
-def _tier(holding: Holding, need_rank: int, need_node: str, rank_node: Mapping[int, str]) -> Tier:
+def tier_of(holding: Holding, need_rank: int, need_node: str, rank_node: Mapping[int, str]) -> Tier:
+    """How far ``holding`` is from a destination on ``need_rank`` (on ``need_node``)."""
     if holding.kind is SourceKind.CHECKPOINT:
         return Tier.CHECKPOINT
     if holding.kind is SourceKind.SNAPSHOT:
@@ -223,7 +224,7 @@ def plan_transfer(
                 continue
             if holding.kind is SourceKind.CHECKPOINT and holding.rank != need.rank:
                 continue  # a checkpoint is read by the destination itself
-            candidates.append((holding, overlap, _tier(holding, need.rank, need_node, rank_node)))
+            candidates.append((holding, overlap, tier_of(holding, need.rank, need_node, rank_node)))
         weight = (element_bytes or {}).get(need.key, 1)
         chosen: list[tuple[Box, _Choice]] = []
         for cell in _cells(need.box, (c[1] for c in candidates)):

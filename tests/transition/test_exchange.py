@@ -43,7 +43,9 @@ def worker(rank, port, corrupt_from, results):
         real = exchange.checksum
         exchange.checksum = lambda buffer: real(buffer) ^ 1  # what a flipped bit in transit looks like
     try:
-        stats = exchange.execute(plan, rank, sources, targets, channel=channel, timeout=timedelta(seconds=20))
+        stats = exchange.execute(
+            plan.pieces, rank, sources, targets, channel=channel, timeout=timedelta(seconds=20)
+        )
         ok = all(torch.equal(t, full[:, 5 * rank : 5 * rank + 5]) for t in targets)
         results[rank] = ("ok", ok, stats.sent_bytes, stats.received_bytes, stats.local_bytes)
     except exchange.CorruptTransferError as error:
@@ -88,5 +90,5 @@ def test_no_channel_needed_when_everything_is_local():
     full, holdings, _, rank_node = scenario()
     plan = plan_transfer(holdings, [Need(0, 0, "w", ((0, 2), (0, 10)))], rank_node)
     target = torch.zeros(2, 10)
-    stats = exchange.execute(plan, 0, [full[0:2]], [target], channel=None)
+    stats = exchange.execute(plan.pieces, 0, [full[0:2]], [target], channel=None)
     assert torch.equal(target, full[0:2]) and stats.messages == 0

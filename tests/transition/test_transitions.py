@@ -127,14 +127,21 @@ def test_ten_reattempts_leak_nothing_and_match_exactly(reference, tmp_path: Path
 
 
 @pytest.mark.timeout(600)
-def test_planned_relayouts_in_the_same_processes(reference, tmp_path: Path) -> None:
-    tmp, _ = reference
-    argv = [RELAYOUT, *flags(tmp_path, "chain", 2, 2, 12)]
-    result = run_job(argv, nproc_per_node=4, timeout_s=300, env={"RELAYOUT": "3:1,2;6:2,1;9:2,2"})
-    check(result)
-    plain = run_job([SCRIPT, *flags(tmp_path, "plain", 2, 2, 12)], nproc_per_node=4, timeout_s=300)
-    check(plain)
-    chain, expected = losses(tmp_path, "chain"), losses(tmp_path, "plain")
-    assert [chain[i] for i in range(1, 4)] == [expected[i] for i in range(1, 4)]
-    assert [chain[i] for i in range(4, 13)] == pytest.approx([expected[i] for i in range(4, 13)], **TOLERANCE)
-    del tmp
+@pytest.mark.parametrize(
+    "start, chain, extra",
+    [
+        ((2, 2), "3:1,2;6:2,1;9:2,2", ()),
+        # The DistributedOptimizer's shards move as flat ranges of model-space boxes (DP 4 -> 2 -> 2 -> 4).
+        ((1, 1), "3:2,1;6:1,2;9:1,1", ("--use-distributed-optimizer",)),
+    ],
+    ids=["adam", "distributed-optimizer"],
+)
+def test_planned_relayouts_in_the_same_processes(tmp_path: Path, start, chain, extra) -> None:
+    argv = [RELAYOUT, *flags(tmp_path, "chain", *start, 12, *extra)]
+    check(run_job(argv, nproc_per_node=4, timeout_s=300, env={"RELAYOUT": chain}))
+    check(run_job([SCRIPT, *flags(tmp_path, "plain", *start, 12, *extra)], nproc_per_node=4, timeout_s=300))
+    relaid, expected = losses(tmp_path, "chain"), losses(tmp_path, "plain")
+    assert [relaid[i] for i in range(1, 4)] == [expected[i] for i in range(1, 4)]
+    assert [relaid[i] for i in range(4, 13)] == pytest.approx(
+        [expected[i] for i in range(4, 13)], **TOLERANCE
+    )
