@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from megatron_unicron.config import DetectionConfig
-from megatron_unicron.decisions import JobState, PlanFn, Verdict, decide
+from megatron_unicron.decisions import JobState, PlanFn, ShrinkFn, Verdict, decide
 from megatron_unicron.events import Action, ErrorKind, FaultEvent
 from megatron_unicron.incident_log import append_line, incident_record, resumed_line, summary_line
 from megatron_unicron.incidents import (
@@ -100,7 +100,7 @@ class Coordinator:
         self, channel: JobChannel, *, nodes: Sequence[str], rank_node: Mapping[int, str],
         host_node: str = "node0", plan_fn: PlanFn | None = None, lease_renewal_s: float = 1.0,
         emit: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
-        scale_fn: PlanFn | None = None,
+        scale_fn: PlanFn | None = None, shrink_fn: ShrinkFn | None = None,
     ) -> None:
         self.channel = channel
         self.job = channel.keys.job
@@ -109,6 +109,7 @@ class Coordinator:
         self.host_node = host_node
         self.plan_fn = plan_fn
         self.scale_fn = scale_fn
+        self.shrink_fn = shrink_fn
         self.lease_renewal_s = lease_renewal_s
         self.emit = emit if emit is not None else log.info
         self.clock = clock
@@ -116,6 +117,7 @@ class Coordinator:
         self.generation = channel.latest_generation()
         self.members: tuple[int, ...] = tuple(sorted(rank_node))
         self.live: tuple[int, ...] = self.members  # members and warm spares
+        self._joining: dict[int, float] = {}  # restarted ranks the job goes on without: when asked
         self.lost: set[str] = set()
         self.history = EscalationHistory(DetectionConfig().escalation_window_s)
         self.finished = False
@@ -163,6 +165,7 @@ class Coordinator:
             if self.finished:
                 return
             self._check_leases(now)
+            self._check_rejoined()
             self._sample_progress()
         self._collect(now)
         if slow and not self.finished:
@@ -218,6 +221,20 @@ class Coordinator:
             return  # one change at a time: finish the recovery in progress first
         self.lost.discard(node)
         log.warning("%s is back (ranks %s)", node, ranks)
+        self._scale_up(node, ranks)
+
+    def _check_rejoined(self) -> None:
+        """Restarted processes the job went on without are up again: take them back."""
+        if not self._joining or self._open is not None or self._pending is not None or self.settings is None:
+            return
+        ready = [r for r, asked in self._joining.items() if (self.channel.joined(r) or 0.0) > asked]
+        if ready and len(ready) == len(self._joining):
+            self._joining.clear()
+            self._scale_up(f"rank(s) {', '.join(map(str, ready))}", ready)
+
+    def _scale_up(self, what: str, ranks: Sequence[int]) -> None:
+        """Plan a larger layout with ``ranks`` back (``what`` names them in the log)."""
+        assert self.settings is not None
         if self.scale_fn is None:
             return
         progress = self._progress()
@@ -225,12 +242,12 @@ class Coordinator:
                          members=self.members, live=tuple(sorted(set(self.live) | set(ranks))),
                          rank_node=dict(self.rank_node), iteration=max(progress.values(), default=None),
                          save=self.settings.save)
-        decision = self.scale_fn(state, frozenset({node}))
+        decision = self.scale_fn(state, frozenset({what}))
         if decision is None:
-            self.emit(f"unicron: {node} is back; the job keeps {self.settings.layout} (no larger layout)")
+            self.emit(f"unicron: {what} back; the job keeps {self.settings.layout} (no larger layout)")
             return
         self.channel.publish_decision(decision)
-        self.emit(f"unicron: {node} is back -> {decision.action.value} to {decision.layout} on "
+        self.emit(f"unicron: {what} back -> {decision.action.value} to {decision.layout} on "
                   f"{len(decision.members)} ranks after iteration {decision.at_iteration}")
         self.generation, self.members, self.live, self._seen = (
             decision.generation, decision.members, decision.live, 0)
@@ -300,10 +317,12 @@ class Coordinator:
         assert self.settings is not None
         verdict = decide(incident, self.settings, generation=self.generation, members=self.members,
                          states=states, lost_nodes=frozenset(self.lost), progress=self._progress(),
-                         plan_fn=self.plan_fn, targets=targets)
+                         plan_fn=self.plan_fn, targets=targets, shrink_fn=self.shrink_fn)
         t_fault = self._fault_time(incident)
         for node, command in verdict.commands.items():
             self.channel.command_agent(node, dict(command))
+            if command.get("join"):
+                self._joining.update({rank: self.clock() for rank in command["ranks"]})
         if verdict.action is Action.STOP:
             self.channel.stop(verdict.stop_reason, verdict.checkpoint)
         self.channel.publish_decision(verdict.decision)

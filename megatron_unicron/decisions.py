@@ -44,6 +44,9 @@ class JobState:
 PlanFn = Callable[[JobState, frozenset[str]], Decision | None]
 """``plan_fn(job_state, lost_nodes)``: a ``reconfigure`` decision for generation g+1, or None to stop."""
 
+ShrinkFn = Callable[[JobState, tuple[int, ...]], Decision | None]
+"""``shrink_fn(job_state, restarted)``: go on without the restarted ranks' DP replicas, or None (wait)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Verdict:
@@ -118,6 +121,7 @@ def decide(
     incident: Incident, settings: JobSettings, *, generation: int, members: Sequence[int],
     states: Mapping[int, WorkerState], lost_nodes: frozenset[str], progress: Mapping[int, int],
     plan_fn: PlanFn | None = None, targets: Sequence[int] | None = None,
+    shrink_fn: ShrinkFn | None = None,
 ) -> Verdict:
     """The verdict for ``incident`` in ``generation`` (the decision forms ``generation + 1``).
 
@@ -150,8 +154,20 @@ def decide(
             cmd["ranks"].append(rank)
             cmd["kill_first"] = cmd["kill_first"] or _alive(rank, states)
         reason = f"restart rank(s) {', '.join(map(str, chosen))} after {root.kind.value}"
-        return Verdict(incident=incident, decision=make(Action.RESTART, reason, restart=chosen),
-                       ranks=tuple(chosen), node=root.node, commands=commands)
+        decision = make(Action.RESTART, reason, restart=chosen)
+        if shrink_fn is not None and targets is None:
+            state = JobState(job=settings.job, generation=generation, layout=settings.layout,
+                             members=tuple(members), live=tuple(r for r in live if r not in chosen),
+                             rank_node=dict(settings.rank_node), iteration=resume, save=settings.save)
+            shrunk = shrink_fn(state, tuple(chosen))
+            if shrunk is not None:
+                # The survivors go on with fewer DP replicas at once; the restarted processes join
+                # again when they are up (a scale-up), instead of everyone waiting for them.
+                decision = replace(shrunk, incident=str(incident.id), restart=tuple(chosen))
+                for command in commands.values():
+                    command["join"] = True
+        return Verdict(incident=incident, decision=decision, ranks=tuple(chosen), node=root.node,
+                       commands=commands)
     lost = frozenset(lost_nodes | {root.node})
     survivors = tuple(r for r in live if r not in lost_ranks)
     if plan_fn is not None:

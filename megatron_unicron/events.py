@@ -152,8 +152,8 @@ class Decision:
     def __post_init__(self) -> None:
         if self.action is not Action.STOP and len(self.members) != self.layout.world_size:
             raise ValueError(f"{len(self.members)} members cannot form {self.layout}")
-        if not set(self.members) <= set(self.live):
-            raise ValueError("every member must be live")
+        if not set(self.members) <= set(self.live) | set(self.restart):
+            raise ValueError("every member must be live or restarted")
 
     def new_rank(self, launch_rank: int) -> int | None:
         """This process's rank in the new generation, or None for a warm spare."""

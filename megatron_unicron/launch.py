@@ -201,13 +201,14 @@ def _run(
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
 
-        from megatron_unicron.replan import make_plan_fn, make_scale_up_fn
+        from megatron_unicron.replan import make_plan_fn, make_scale_up_fn, make_shrink_fn
 
         channel = JobChannel(store.clone(), agent.keys)
         coordinator = CoordinatorThread(Coordinator(
             channel, nodes=[f"node{k}" for k in range(nnodes)],
             rank_node={r: f"node{r // nproc}" for r in range(nnodes * nproc)},
             plan_fn=make_plan_fn(channel.config), scale_fn=make_scale_up_fn(channel.config),
+            shrink_fn=make_shrink_fn(channel.config),
             lease_renewal_s=config.lease_interval_s, emit=emit))
         coordinator.start()
     logging.getLogger(__name__).info(

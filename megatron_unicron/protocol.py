@@ -130,9 +130,10 @@ class JobChannel:
         """A worker of a returning node is up and waits to be given a place."""
         self.store.set(f"{self.prefix}/joined/{rank}", json.dumps({"t": time.time()}))
 
-    def joined(self, rank: int) -> bool:
-        """Whether ``rank``'s new process waits to join."""
-        return self.store.try_get(f"{self.prefix}/joined/{rank}") is not None
+    def joined(self, rank: int) -> float | None:
+        """When ``rank``'s newest process said it waits to join (None: never)."""
+        raw = self.store.try_get(f"{self.prefix}/joined/{rank}")
+        return float(json.loads(raw)["t"]) if raw is not None else None
 
     def claim_fault(self, index: int, record: dict[str, Any]) -> bool:
         """Mark scheduled fault ``index`` fired; False when it already fired (first writer wins)."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_unicron.decisions import JobState, PlanFn
+from megatron_unicron.decisions import JobState, PlanFn, ShrinkFn
 from megatron_unicron.events import Action, Decision, LayoutSpec
 from megatron_unicron.plan.errors import NoFeasibleLayoutError, PlanInputError
 from megatron_unicron.plan.hardware import DEVICE_PRESETS
@@ -172,6 +172,45 @@ def make_scale_up_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> PlanF
         )
 
     return scale_fn
+
+
+def make_shrink_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> ShrinkFn:
+    """A ``ShrinkFn``: after a SEV2 restart, go on with the intact DP replicas (same TP and PP).
+
+    With the pipelines-first rank order, DP replica ``d`` is the launch-rank block
+    ``[d·tp·pp, (d+1)·tp·pp)`` of the members; the replicas without a restarted rank keep training
+    (the global batch is split over fewer of them), the surviving ranks of broken replicas wait as
+    spares, and the restarted processes join again later. None when no replica is intact or the
+    global batch does not split over the remaining ones (then everyone waits for the restart).
+    """
+
+    def shrink_fn(state: JobState, restarted: tuple[int, ...]) -> Decision | None:
+        config = config_of()
+        layout = state.layout
+        if config is None or layout.dp < 2:
+            return None
+        block = layout.tp * layout.pp
+        replicas = [state.members[d * block : (d + 1) * block] for d in range(layout.dp)]
+        intact = [r for r in replicas if not set(r) & set(restarted)]
+        dp = len(intact)
+        if dp == 0 or config["global_batch_size"] % (config["micro_batch_size"] * dp):
+            return None
+        new = LayoutSpec(tp=layout.tp, pp=layout.pp, dp=dp)
+        members = tuple(rank for replica in intact for rank in replica)
+        return Decision(
+            job=state.job,
+            generation=state.generation + 1,
+            action=Action.RESTART,
+            incident="",
+            layout=new,
+            members=members,
+            live=tuple(state.live),
+            rank_node=dict(state.rank_node),
+            resume_iteration=state.iteration,
+            reason=f"restart rank(s) {', '.join(map(str, restarted))}; meanwhile {layout} -> {new}",
+        )
+
+    return shrink_fn
 
 
 def make_plan_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> PlanFn:

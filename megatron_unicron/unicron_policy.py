@@ -128,7 +128,10 @@ class UnicronPolicy(ExitPolicy):
                 log.error("cannot restart rank %s: it does not run on %s", rank, agent.config.node)
                 continue
             agent.kill_worker(local, 0.0 if command.get("kill_first") else self.restart_grace_s)
-            agent.restart_worker(local, {"UNICRON_GENERATION": str(generation), "UNICRON_RESTARTED": "1"})
+            if command.get("join"):  # the job goes on without it: it joins a later generation
+                agent.restart_worker(local, {"UNICRON_JOINING": "1"})
+            else:
+                agent.restart_worker(local, {"UNICRON_GENERATION": str(generation), "UNICRON_RESTARTED": "1"})
         agent.generation = generation
 
     def _publish_states(self, agent: NodeAgent, force: bool = False) -> None:

@@ -10,6 +10,7 @@ code 2; a job the coordinator stopped ends with exit code 3 and the reason.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -152,6 +153,9 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
     from megatron_unicron.store import JobKeys
 
     cpu.apply()
+    # Everything imported so far lives as long as the process: keep it out of the collector's scans, so
+    # the collections that free a generation's groups (on every change of layout) stay fast.
+    gc.freeze()
     healer = None
     try:
         trainer = Trainer(args, forward_step_func, env)
