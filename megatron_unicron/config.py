@@ -83,6 +83,9 @@ class UnicronConfig:
     metrics_log: str | None = field(default=None, metadata={"metavar": "PATH"})
     """Write one JSON line per iteration to PATH (written with or without --unicron)."""
 
+    transition_log: str | None = field(default=None, metadata={"metavar": "PATH"})
+    """Append one JSON line per transition and process to PATH (timings, bytes moved, new layout)."""
+
     incident_log: str | None = field(default=None, metadata={"metavar": "PATH"})
     """Write one JSON line per incident (fault, severity, action, timeline) to PATH."""
 

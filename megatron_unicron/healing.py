@@ -16,6 +16,8 @@ Every step of the training loop (an iteration, an evaluation, a checkpoint save)
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -208,6 +210,7 @@ class Healer:
         self.generation = decision.generation
         self.transitions.append(report)
         self.resume_pending = report.member
+        self._log_transition(decision, report)
         if report.member and self.trainer.is_reporting_rank():
             total = sum(report.seconds.values())
             print(
@@ -219,6 +222,14 @@ class Healer:
                 flush=True,
             )
         return report
+
+    def _log_transition(self, decision: Decision, report: TransitionReport) -> None:
+        path = self.trainer.args.unicron.transition_log
+        if path:
+            record = {"rank": self.launch_rank, "action": decision.action.value, "time": time.time()}
+            record.update(incident=decision.incident, **dataclasses.asdict(report))
+            with open(path, "a", encoding="utf-8") as log:
+                log.write(json.dumps(record) + "\n")
 
     def _make_way(self, decision: Decision) -> None:
         """This process is replaced by a fresh one, or excluded (a bad device): leave at once."""

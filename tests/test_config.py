@@ -91,6 +91,7 @@ def test_direct_construction_validates() -> None:
 def test_every_leaf_is_a_flag_and_a_yaml_key() -> None:
     flags = {s for a in build_parser()._actions for s in a.option_strings}
     expected = {"--unicron", "--unicron-metrics-log", "--unicron-incident-log", "--unicron-inject",
+                "--unicron-transition-log",
                 "--unicron-snapshot-interval", "--unicron-persist-interval",
                 "--unicron-detection-lease-interval-s", "--unicron-detection-lease-ttl-s",
                 "--unicron-detection-slow-factor", "--unicron-detection-warmup-floor-s",

@@ -89,8 +89,8 @@ def _injector(args: MegatronArgs, env: WorkerEnv, trainer: Trainer, channel: Job
     from megatron_unicron.testing.injector import FaultInjector, schedule_from
 
     schedule = schedule_from(args.unicron.inject)
-    if not schedule:
-        return None
+    if not schedule or (channel is None and env.restart_count > 0):
+        return None  # without a store to mark faults fired, a restarted group must not fire them again
     injector = FaultInjector(
         schedule,
         env.rank,

@@ -32,6 +32,7 @@ class IterationStats:
     tokens: int
     skipped: bool
     loss_scale: float
+    time: float = 0.0  # wall clock when the iteration ended
 
 
 def megatron_log_line(

@@ -126,6 +126,7 @@ class Trainer:
         self.generation: Generation | None = None
         self.reporter: TrainingReporter | None = None
         self.guard = StepGuard(enabled=args.unicron.enabled)
+        self.build_seconds: dict[str, float] = {}  # of the last generation built: groups, model
         # Hooks of other parts (e.g. in-memory snapshots): before the optimizer step of an iteration,
         # and after an iteration committed (the step returned and progress advanced).
         self.before_step_hooks: list[Callable[[], None]] = []
@@ -142,6 +143,7 @@ class Trainer:
 
     def start_generation(self, number: int, rank: int, world_size: int, tp: int, pp: int) -> Generation:
         """Create the world and megatron groups, then the model, optimizer and scheduler for (TP, PP)."""
+        started = time.perf_counter()
         store = self.store.c10d_store
         groups.init_world(store, self.store_prefix(number), rank, world_size, self.timeout, self.op_timeout)
         # With --unicron, DP replicas of a stage go to different nodes (a lost node keeps a copy).
@@ -149,6 +151,7 @@ class Trainer:
         order = groups.PIPELINES_FIRST_ORDER if pipelines_first else groups.DEFAULT_ORDER
         coords = groups.init_model_parallel(tp, pp, self.op_timeout, order)
         groups.seed_everything(self.args.seed, coords)
+        built_groups = time.perf_counter()
         self.padded_vocab_size = self.vocab_size_for(tp)
         bundle = build_model_bundle(self.args, coords, self.padded_vocab_size)
         bundle.config.finalize_model_grads_func = self.phases.wrap(
@@ -156,6 +159,10 @@ class Trainer:
         )
         self.phases.install_p2p_mark()
         self.generation = Generation(number=number, coords=coords, bundle=bundle)
+        self.build_seconds = {
+            "groups": built_groups - started,
+            "model": time.perf_counter() - built_groups,
+        }
         self.ensure_datasets()
         return self.generation
 
@@ -296,6 +303,7 @@ class Trainer:
             tokens=self.args.global_batch_size * self.args.seq_length,
             skipped=not update_successful,
             loss_scale=float(bundle.optimizer.get_loss_scale().item()),
+            time=time.time(),
         )
 
     def evaluate(self) -> float | None:

@@ -297,12 +297,14 @@ def run_transition(
         layout = decision.layout
         trainer.start_generation(decision.generation, new_rank, len(decision.members), layout.tp, layout.pp)
         assert trainer.generation is not None
+        seconds.update(trainer.build_seconds)
+        clock = time.perf_counter() - sum(trainer.build_seconds.values())
         bundle = trainer.generation.bundle
         distopt = distopt_state.uses_distributed_optimizer(bundle)
         targets = mstate.prepare_targets(bundle, trainer.args, optimizer=not distopt)
         if distopt:  # the new optimizer's (zero) state tensors are filled in place
             flat_needs = distopt_state.optimizer_shards(bundle, trainer.args)
-    lap("rebuild")
+    lap("targets")
 
     post = _Post(
         committed=target,
