@@ -56,8 +56,8 @@ def test_from_dict_converts_and_treats_null_as_default() -> None:
 def test_unknown_keys_are_rejected_with_a_suggestion() -> None:
     assert build_error({"snapshot_intervall": 3}) == (
         "unknown key 'unicron.snapshot_intervall' in job.yaml (did you mean 'snapshot_interval'?); "
-        "supported keys under unicron: enabled, metrics_log, transition_log, incident_log, inject, snapshot_interval, "
-        "persist_interval, detection")
+        "supported keys under unicron: enabled, metrics_log, transition_log, incident_log, inject, "
+        "snapshot_interval, persist_interval, detection")
     assert build_error({"detection": {"lease_tl_s": 2}}).startswith(
         "unknown key 'unicron.detection.lease_tl_s' in job.yaml (did you mean 'lease_ttl_s'?)")
 

@@ -258,9 +258,8 @@ def load(root: str, trainer: Trainer, args: MegatronArgs) -> bool:
 
     iteration = read_tracker(root)
     if iteration is None:
-        if not os.path.isdir(root):
-            raise ConfigError(f"--load {root}: no such directory (check the path, or drop --load)")
-        logger.warning("--load %s has no %s: training from scratch", root, TRACKER_FILE)
+        # As Megatron-LM: --load and --save usually name the same directory, empty at the first launch.
+        logger.warning("--load %s holds no checkpoint (no %s): training from scratch", root, TRACKER_FILE)
         return False
     directory = checkpoint_dir(root, iteration)
     if _is_legacy(directory):

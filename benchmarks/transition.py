@@ -1,0 +1,218 @@
+"""Transition benchmark: fault -> first good step with unicron, against Megatron's checkpoint restart.
+
+    python benchmarks/transition.py [--json] [--repeat N] [--scenarios dp-rank-killed,relayout,hang,node-lost]
+
+For each scenario the tiny CPU GPT (TP1 PP2 DP2 on 4 ranks; two simulated nodes for the node loss) is
+trained with ``--unicron`` and one injected fault. From the incident log: fault -> detected ->
+decided -> resumed (first good step of the new generation); from the transition log (every process
+writes one line per transition): the split of the transition (agree, capture, leave, groups, model,
+targets, plan, transfer, load), bytes received against the bytes the new layout needed from others, and
+iterations lost (committed iterations thrown away: the one in flight is redone, not lost).
+
+The baseline, in the same run: Megatron's recovery. The whole job dies with the fault (a torchrun-style
+launcher ends the group), is relaunched with ``--load`` from the newest checkpoint (saved every
+``--save-interval`` iterations) and recomputes up to where it failed: fault -> back at the failed
+iteration, all of relaunch, import, rebuild, load and recomputation counted. A hang is noticed by
+Megatron only at its collective timeout (``--distributed-timeout-minutes``, 10 by default) and a lost
+node needs an operator: both are reported as the timeout, not waited for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_unicron.incident_log import read_log  # noqa: E402
+from megatron_unicron.testing.harness import run_job, start_job  # noqa: E402
+
+SCRIPT = str(ROOT / "examples/gpt/pretrain_gpt.py")
+YAML = str(ROOT / "examples/gpt/configs/tiny_gpt.yaml")
+FAULT_ITERATION = 8
+ITERS = 16
+MEGATRON_TIMEOUT_S = 600.0  # Megatron-LM's --distributed-timeout-minutes default: when it notices a hang
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fault to recover from."""
+
+    name: str
+    fault: str
+    nnodes: int = 1
+    what: str = ""
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("dp-rank-killed", f"kill:3:{FAULT_ITERATION}", what="a DP rank SIGKILLed (TP/PP kept)"),
+        Scenario("relayout", f"ecc:3:{FAULT_ITERATION}", what="an ECC error excludes a rank: PP re-layout"),
+        Scenario("hang", f"hang:3:{FAULT_ITERATION}", what="a rank SIGSTOPped"),
+        Scenario("node-lost", f"node:3:{FAULT_ITERATION}", nnodes=2, what="a node (2 ranks) lost"),
+    )
+}
+
+
+@dataclass
+class Result:
+    """What one recovery cost."""
+
+    scenario: str
+    first_good_step_s: float
+    detect_s: float
+    decide_s: float
+    transition_s: dict[str, float]
+    resume_s: float
+    bytes_moved: int
+    bytes_needed: int
+    iterations_lost: int
+    mean_iteration_s: float
+    baseline_s: float
+    baseline_note: str
+    layout: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _flags(tmp: Path, name: str, *extra: str) -> list[str]:
+    layout = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]
+    metrics = ["--unicron-metrics-log", str(tmp / f"{name}.metrics.jsonl")]
+    return [SCRIPT, "--yaml-cfg", YAML, *layout, "--train-iters", str(ITERS), *metrics, *extra]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def unicron_run(scenario: Scenario, tmp: Path) -> Result:
+    logs = [
+        "--unicron", "--unicron-inject", scenario.fault,
+        "--unicron-incident-log", str(tmp / "incidents.jsonl"),
+        "--unicron-transition-log", str(tmp / "transitions.jsonl"),
+    ]  # fmt: skip
+    argv = _flags(tmp, "unicron", *logs)
+    if scenario.nnodes == 1:
+        result = run_job(argv, nproc_per_node=4, launcher_args=["--unicron"], timeout_s=600)
+    else:
+        with start_job(argv, nproc_per_node=2, nnodes=2, launcher_args=["--unicron"], timeout_s=600) as job:
+            result = job.wait()
+    incident = read_log(str(tmp / "incidents.jsonl"))[0]
+    if incident.get("t_resumed") is None:
+        raise RuntimeError(f"{scenario.name}: the job did not resume\n{result.output[-3000:]}")
+    transitions = [t for t in _records(tmp / "transitions.jsonl") if t["member"]]
+    first = [t for t in transitions if t["generation"] == incident["generation"] + 1] or transitions
+    split: dict[str, float] = {}
+    for key in first[0]["seconds"]:
+        split[key] = max(t["seconds"].get(key, 0.0) for t in first)
+    metrics = _records(tmp / "unicron.metrics.jsonl")
+    times = [
+        m["elapsed_ms"] / 1000 for m in metrics if m["iteration"] < FAULT_ITERATION and m["iteration"] > 2
+    ]
+    t_fault, t_detected, t_decided = incident["t_fault"], incident["t_detected"], incident["t_decided"]
+    t_resumed = incident["t_resumed"]
+    return Result(
+        scenario=scenario.name,
+        first_good_step_s=t_resumed - t_fault,
+        detect_s=t_detected - t_fault,
+        decide_s=t_decided - t_detected,
+        transition_s=split,
+        resume_s=t_resumed - t_decided,
+        bytes_moved=sum(t["bytes_moved"] for t in first),
+        bytes_needed=sum(t["bytes_needed"] for t in first),
+        iterations_lost=(FAULT_ITERATION - 1) - min(t["resume_iteration"] for t in first),
+        mean_iteration_s=statistics.median(times) if times else float("nan"),
+        baseline_s=float("nan"),
+        baseline_note="",
+        layout=first[0]["layout"],
+    )
+
+
+def baseline_run(scenario: Scenario, tmp: Path, save_interval: int) -> tuple[float, str]:
+    """Megatron: the group dies, relaunches from the newest checkpoint, recomputes to the failed iteration."""
+    if scenario.name == "hang":
+        return MEGATRON_TIMEOUT_S, f"> {MEGATRON_TIMEOUT_S:.0f} s (collective timeout)"
+    if scenario.name == "node-lost":
+        return MEGATRON_TIMEOUT_S, "job down until an operator drains the node"
+    ckpt = tmp / "ckpt"
+    argv = _flags(
+        tmp, "baseline", "--save", str(ckpt), "--save-interval", str(save_interval), "--load", str(ckpt)
+    )
+    fault = scenario.fault if scenario.name != "relayout" else f"kill:3:{FAULT_ITERATION}"
+    argv += ["--unicron-inject", fault]
+    result = run_job(argv, nproc_per_node=4, launcher_args=["--max-restarts", "1"], timeout_s=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"baseline failed\n{result.output[-3000:]}")
+    fired = [line for line in result.output.splitlines() if "unicron-inject: fired" in line]
+    t_fault = float(fired[0].split("t_fault=")[1].split(")")[0])
+    back = [m["time"] for m in _records(tmp / "baseline.metrics.jsonl") if m["iteration"] >= FAULT_ITERATION]
+    return min(t for t in back if t > t_fault) - t_fault, f"checkpoint every {save_interval} iterations"
+
+
+def measure(names: Sequence[str], repeat: int, save_interval: int) -> list[Result]:
+    results = []
+    for name in names:
+        scenario = SCENARIOS[name]
+        runs = []
+        for _ in range(repeat):
+            with tempfile.TemporaryDirectory() as tmp:
+                result = unicron_run(scenario, Path(tmp))
+                result.baseline_s, result.baseline_note = baseline_run(scenario, Path(tmp), save_interval)
+                runs.append(result)
+        runs.sort(key=lambda r: r.first_good_step_s)
+        results.append(runs[len(runs) // 2])  # the median run
+    return results
+
+
+def table(results: Sequence[Result]) -> str:
+    head = (
+        "| scenario | layout after | fault -> first good step | detect | decide "
+        "| transition (max over ranks) | resume | bytes moved / needed | iterations lost "
+        "| mean iteration | baseline | speedup |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in results:
+        split = ", ".join(f"{k} {v:.2f}" for k, v in r.transition_s.items() if v >= 0.005)
+        speed = r.baseline_s / r.first_good_step_s
+        base = r.baseline_note if r.baseline_note.startswith(">") or "operator" in r.baseline_note else (
+            f"{r.baseline_s:.1f} s ({r.baseline_note})"
+        )  # fmt: skip
+        lines.append(
+            f"| {r.scenario} | {r.layout} | {r.first_good_step_s:.2f} s | {r.detect_s:.2f} "
+            f"| {r.decide_s:.2f} | {split} | {r.resume_s:.2f} | {r.bytes_moved} / {r.bytes_needed} "
+            f"| {r.iterations_lost} | {r.mean_iteration_s:.3f} s | {base} | {speed:.0f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario (the median is shown)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenario names")
+    parser.add_argument("--save-interval", type=int, default=5, help="the baseline's checkpoint interval")
+    args = parser.parse_args(argv)
+    names = [n for n in args.scenarios.split(",") if n]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    started = time.time()
+    results = measure(names, args.repeat, args.save_interval)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        print(table(results))
+        print(f"\n({time.time() - started:.0f} s; faults at iteration {FAULT_ITERATION} of {ITERS})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
