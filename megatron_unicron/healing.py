@@ -208,6 +208,7 @@ class Healer:
             timeout=self.trainer.timeout,
         )
         self.generation = decision.generation
+        self.timeouts.reset()  # the statistics of the old layout do not describe the new one
         self.transitions.append(report)
         self.resume_pending = report.member
         self._log_transition(decision, report)

@@ -89,6 +89,11 @@ class AdaptiveTimeouts:
                 stats = self._stats[key] = RunningMean()
             stats.add(seconds)
 
+    def reset(self) -> None:
+        """Forget every statistic (a new layout: other groups, other sizes, other times; warm up again)."""
+        with self._lock:
+            self._stats.clear()
+
     def mean(self, key: Hashable) -> float | None:
         """The running mean of ``key``, if any."""
         stats = self._stats.get(key)
