@@ -8,8 +8,10 @@ SEV2       ``restart``: generation g+1 with the same members; ``restart`` = the 
            the hung, the rank that raised); one agent command per node,
            ``{"op": "restart", "ranks": [...], "generation": g+1, "kill_first": bool}`` (kill first
            when one of those processes is still alive, e.g. a stopped one)
-SEV1       ``plan_fn(job_state, lost_nodes)`` when given (the seam for live reconfiguration); without
-           it, or when it returns None: ``stop``, with a reason naming the lost node (or the failed
+SEV1       ``plan_fn(job_state, lost_nodes)`` when given (the seam for live reconfiguration), with
+           ``job_state.live`` the survivors: live ranks minus the lost nodes' ranks, the dead
+           processes and the root's rank (its device failed, or it kept failing); without a plan_fn,
+           or when it returns None: ``stop``, with a reason naming the lost node (or the failed
            device's rank) and the newest checkpoint (``<save>/latest_checkpointed_iteration.txt``)
 =========  ==========================================================================================
 """
@@ -152,8 +154,12 @@ def decide(
         reason = f"restart rank(s) {', '.join(map(str, chosen))} after {root.kind.value}"
         return Verdict(incident=incident, decision=make(Action.RESTART, reason, restart=chosen),
                        ranks=tuple(chosen), node=root.node, commands=commands)
-    lost = frozenset(lost_nodes | {root.node})
-    survivors = tuple(r for r in live if r not in lost_ranks)
+    lost = frozenset(lost_nodes | ({root.node} if root.kind is ErrorKind.LOST_NODE else set()))
+    excluded = {r for r, n in settings.rank_node.items() if n in lost}
+    excluded |= {r for r in live if not _alive(r, states)}  # a dead process can neither train nor serve
+    if root.rank is not None:
+        excluded.add(root.rank)  # the failed device (or the process that keeps failing) is isolated
+    survivors = tuple(r for r in live if r not in excluded)
     if plan_fn is not None:
         state = JobState(job=settings.job, generation=generation, layout=settings.layout,
                          members=tuple(members), live=survivors, rank_node=dict(settings.rank_node),
