@@ -327,15 +327,22 @@ class Coordinator:
             self.settings = replace(self.settings, layout=decision.layout, world_size=len(decision.members))
 
     def _fault_time(self, incident: Incident) -> float | None:
-        """``t_fault`` of the injected fault behind the root, if one fired (each record serves once)."""
+        """``t_fault`` of the injected fault behind the root, if one fired (each record serves once).
+
+        A fault fired on the root's rank (its node's, for a node event) comes first; else one fired on
+        another rank of the incident: a rank that dropped its links may report after the peers it cut off.
+        """
         root = incident.root
         ranks = {root.rank} if root.rank is not None else set(
             self.settings.ranks_on(root.node) if self.settings is not None else ())
-        candidates = [
+        fired = [
             record for record in self.channel.fired_faults()
-            if record.get("rank") in ranks and _fault_key(record) not in self._used_faults
+            if _fault_key(record) not in self._used_faults
             and float(record["t_fault"]) <= root.t_detected + 0.5  # later: another fault's record
         ]
+        involved = {e.rank for e in incident.events if e.rank is not None}
+        candidates = ([r for r in fired if r.get("rank") in ranks]
+                      or [r for r in fired if r.get("rank") in involved])
         if not candidates:
             return None
         matching = [r for r in candidates if r.get("iteration") == incident.iteration]
