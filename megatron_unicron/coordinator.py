@@ -37,7 +37,9 @@ agent commands (before the decision), ``stop`` (before a STOP decision), ``gen<g
 
 A node whose lease is older than ``lease_ttl_s`` (at least two renewal intervals of the agents), and
 that did not leave, is lost: a ``lost-node`` event (SEV1). A decided generation that does not resume
-within ``resume_timeout_s`` raises an escalated incident (one severity up) on the ranks that did not.
+within ``resume_timeout_s`` raises an escalated incident (one severity up) on the ranks that did not;
+an incident while a recovery has not resumed is graded one severity above it; escalating a failed
+SEV1 recovery stops the job (``incidents``).
 """
 
 from __future__ import annotations
@@ -289,9 +291,10 @@ class Coordinator:
                 self._give_up("launch rank 0 never posted the job's unicron config "
                               f"({self.channel.prefix}/config), so its faults cannot be handled")
             return
+        failed = self._pending.verdict.incident.severity if self._pending is not None else None
         incident = form_incident(self._open, incident_id=self._next_id, job=self.job,
                                  rank_node=self.rank_node, states=states, history=self.history, now=now,
-                                 progress=self._progress())
+                                 progress=self._progress(), failed_recovery=failed)
         self._decide(incident, states)
 
     def _decide(self, incident: Incident, states: Mapping[int, WorkerState],

@@ -3,6 +3,8 @@
 =========  ==========================================================================================
 severity   verdict
 =========  ==========================================================================================
+exhausted  ``stop`` (a failed SEV1 recovery escalated: nothing is left to try), with the reason and
+           the newest checkpoint as below
 SEV3       ``reattempt``: generation g+1 with the same members and layout; live = every live rank
 SEV2       ``restart``: generation g+1 with the same members; ``restart`` = the failed ranks (the dead,
            the hung, the rank that raised); one agent command per node,
@@ -85,7 +87,11 @@ def stop_reason(incident: Incident, settings: JobSettings) -> tuple[str, str | N
     """Why the job stops and how to resume it: ``(reason, checkpoint directory or None)``."""
     root = incident.root
     at = f" at iteration {incident.iteration}" if incident.iteration is not None else ""
-    if root.kind is ErrorKind.LOST_NODE:
+    if incident.exhausted:
+        where = f"rank {root.rank} ({root.node})" if root.rank is not None else root.node
+        detail = f": {root.message[:300]}" if root.message else ""
+        what = f"the SEV1 recovery, the last resort, failed ({root.kind.value} on {where}{detail}){at}"
+    elif root.kind is ErrorKind.LOST_NODE:
         ranks = ", ".join(map(str, settings.ranks_on(root.node))) or "none"
         what = f"{root.node} was lost (its agent stopped renewing its lease; rank(s) {ranks}){at}"
     elif incident.escalated == "not-resumed":
@@ -139,6 +145,11 @@ def decide(
                         restart=tuple(restart), rank_node=dict(settings.rank_node), resume_iteration=resume,
                         reason=reason)
 
+    if incident.exhausted:
+        reason, checkpoint = stop_reason(incident, settings)
+        return Verdict(incident=incident, decision=make(Action.STOP, reason, keep=()),
+                       ranks=_ranks_of(incident, settings), node=root.node, stop_reason=reason,
+                       checkpoint=checkpoint)
     if incident.severity is Severity.SEV3:
         reason = f"reattempt after {root.kind.value}"
         return Verdict(incident=incident, decision=make(Action.REATTEMPT, reason),

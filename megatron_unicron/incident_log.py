@@ -11,13 +11,13 @@ A line is appended once the incident's outcome is known, so every incident has e
 
 Fields: ``job``, ``incident`` (1, 2, ... per job), ``generation`` (where the fault happened),
 ``new_generation`` (the one the decision forms), ``root_kind``, ``severity`` and ``base_severity``
-(``"SEV2"``), ``escalated`` (``""``, ``"repeat"``, ``"not-resumed"``), ``action``, ``ranks``,
-``restart``, ``layout`` (``{"tp", "pp", "dp"}`` of the new generation) and ``members`` (its launch ranks
-in new-rank order; empty when the job stops), ``node``, ``iteration``, ``phase``, ``exit_code``,
-``message``, ``t_fault`` (when the injected fault fired, else null), ``t_detected`` (the root event's),
-``t_decided``, ``t_resumed``, ``outcome``, ``reason`` (why the job stopped), ``checkpoint``, ``events``
-(compact: kind, rank, node, source, t, and iteration, phase, exit_code, message when known). Times are
-wall-clock seconds.
+(``"SEV2"``), ``escalated`` (``""``, ``"repeat"``, ``"recovery-failed"``, ``"not-resumed"``), ``action``,
+``ranks``, ``restart``, ``layout`` (``{"tp", "pp", "dp"}`` of the new generation) and ``members`` (its
+launch ranks in new-rank order; empty when the job stops), ``node``, ``iteration``, ``phase``,
+``exit_code``, ``message``, ``t_fault`` (when the injected fault fired, else null), ``t_detected`` (the
+root event's), ``t_decided``, ``t_resumed``, ``outcome``, ``reason`` (why the job stopped),
+``checkpoint``, ``events`` (compact: kind, rank, node, source, t, and iteration, phase, exit_code,
+message when known). Times are wall-clock seconds.
 """
 
 from __future__ import annotations
