@@ -291,6 +291,8 @@ class Coordinator:
                 self._give_up("launch rank 0 never posted the job's unicron config "
                               f"({self.channel.prefix}/config), so its faults cannot be handled")
             return
+        if self._pending is not None:
+            self._check_resumed(now)  # resumed meanwhile (its check runs on the slow polls): not a failure
         failed = self._pending.verdict.incident.severity if self._pending is not None else None
         incident = form_incident(self._open, incident_id=self._next_id, job=self.job,
                                  rank_node=self.rank_node, states=states, history=self.history, now=now,

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from megatron_unicron.agent import AgentConfig, NodeAgent, Outcome
+from megatron_unicron.coordinator import Coordinator
 from megatron_unicron.decisions import JobState, decide
 from megatron_unicron.events import Action, Decision, ErrorKind, FaultEvent, LayoutSpec, Severity
+from megatron_unicron.incident_log import read_log
 from megatron_unicron.incidents import (
     EXITED,
     RUNNING,
@@ -234,5 +236,49 @@ def test_an_excluded_rank_leaves_without_a_fault_and_the_node_succeeds(tmp_path:
         publisher.join()
         assert result.outcome is Outcome.SUCCEEDED, result
         assert channel.faults(0) == [] and channel.faults(1) == []
+    finally:
+        store.close()
+
+
+def test_a_fault_right_after_a_resumed_recovery_is_not_its_failure(tmp_path: Path) -> None:
+    store = host_store("127.0.0.1", 0)
+    try:
+        channel = JobChannel(store, JobKeys("job"))
+        log = str(tmp_path / "incidents.jsonl")
+        channel.post_config({"world_size": 4, "layout": {"tp": 1, "pp": 2, "dp": 2}, "incident_log": log})
+        clock = [1000.0]
+        coordinator = Coordinator(channel, nodes=["node0"], rank_node=NODES, clock=lambda: clock[0])
+
+        def fault(kind: ErrorKind, generation: int) -> None:
+            for rank in range(4):  # every member reports: the incident closes at once
+                channel.report(
+                    FaultEvent(
+                        job="job",
+                        kind=kind if rank == 1 else ErrorKind.NCCL_TIMEOUT,
+                        rank=rank,
+                        node="node0",
+                        generation=generation,
+                        t_detected=clock[0] - (0.1 if rank == 1 else 0.0),  # the root reports first
+                    )
+                )
+
+        coordinator.poll()
+        fault(ErrorKind.CONN_REFUSED, 0)
+        clock[0] += 0.01
+        coordinator.poll()
+        assert channel.decision(1) is not None
+        for rank in range(4):
+            channel.post_resumed(1, rank, 5)
+        fault(ErrorKind.LINK_FLAP, 1)  # a few fast iterations later: before the slow poll sees the resumption
+        clock[0] += 0.01
+        coordinator.poll()
+        assert channel.decision(2) is not None
+        for rank in range(4):
+            channel.post_resumed(2, rank, 9)
+        clock[0] += 0.3
+        coordinator.poll()
+        first, second = read_log(log)
+        assert first["outcome"] == "resumed" and first["t_resumed"] is not None
+        assert (second["severity"], second["escalated"], second["action"]) == ("SEV3", "", "reattempt")
     finally:
         store.close()
