@@ -280,7 +280,7 @@ class Coordinator:
                 log.info("incident opened by %s on rank %s (%s)", event.kind.value, event.rank, event.node)
             self._open.add(event)
         self._seen = len(events)
-        if self._open is None:
+        if self._open is None or self._slow_not_hung():
             return
         states = self._states()
         if not self._open.ready(now, self.rank_node, states):
@@ -298,6 +298,22 @@ class Coordinator:
                                  rank_node=self.rank_node, states=states, history=self.history, now=now,
                                  progress=self._progress(), failed_recovery=failed)
         self._decide(incident, states)
+
+    def _slow_not_hung(self) -> bool:
+        """Drop the open incident when it is only iteration-monitor hang reports whose ranks have since
+        committed the iteration they flagged: those ranks were slow (loaded cores), not hung."""
+        assert self._open is not None
+        progress = self._progress()
+        for event in self._open.events:
+            done = progress.get(event.rank, -1) if event.rank is not None else -1
+            if event.kind is not ErrorKind.TASK_HANG or event.source != "worker" or event.iteration is None \
+                    or done < event.iteration:
+                return False
+        flagged = "; ".join(f"rank {e.rank} flagged iteration {e.iteration} as hung, then finished it"
+                            for e in self._open.events)
+        log.warning("incident dropped: %s", flagged)
+        self._open = None
+        return True
 
     def _decide(self, incident: Incident, states: Mapping[int, WorkerState],
                 targets: Sequence[int] | None = None) -> None:

@@ -41,7 +41,6 @@ RUNNING, STOPPED, EXITED = "running", "stopped", "exited"
 """A worker process's status as its agent sees it (``/proc/<pid>/stat``: ``T`` is stopped)."""
 
 PROCESS_SIGNALS = frozenset({ErrorKind.EXITED, ErrorKind.LOST_NODE})
-TIMEOUT_KINDS = frozenset({ErrorKind.NCCL_TIMEOUT, ErrorKind.TASK_HANG})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,12 +179,13 @@ def infer_hangs(events: Sequence[FaultEvent], members: Sequence[int], rank_node:
                 states: Mapping[int, WorkerState], *, job: str, generation: int, now: float
                 ) -> list[FaultEvent]:
     """``hang`` events for members that did not report while alive: stopped, or running while peers
-    reported timeouts (the process is there, so it is not an exit; it said nothing, so it is stuck).
+    reported collective timeouts (the process is there, so it is not an exit; it said nothing, so it is
+    stuck). A worker's own ``hang`` report says that worker is slow, not that its peers are.
 
     Their ``t_detected`` is the first peer timeout (the first in-band sign), else ``now``.
     """
     covered = covered_ranks(events, rank_node)
-    timeouts = [e.t_detected for e in events if e.kind in TIMEOUT_KINDS]
+    timeouts = [e.t_detected for e in events if e.kind is ErrorKind.NCCL_TIMEOUT]
     detected = min(timeouts, default=now)  # the first in-band sign of the hang
     hung = []
     for rank in members:

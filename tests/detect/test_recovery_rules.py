@@ -24,11 +24,13 @@ from megatron_unicron.incidents import (
     JobSettings,
     WorkerState,
     form_incident,
+    infer_hangs,
     not_resumed_incident,
 )
 from megatron_unicron.protocol import JobChannel
 from megatron_unicron.store import JobKeys, host_store
 from megatron_unicron.unicron_policy import UnicronPolicy
+from megatron_unicron.worker_states import post_states
 
 NODES = {0: "node0", 1: "node0", 2: "node0", 3: "node0"}
 SETTINGS = JobSettings(job="j", world_size=4, layout=LayoutSpec(tp=1, pp=2, dp=2), rank_node=NODES)
@@ -280,5 +282,51 @@ def test_a_fault_right_after_a_resumed_recovery_is_not_its_failure(tmp_path: Pat
         first, second = read_log(log)
         assert first["outcome"] == "resumed" and first["t_resumed"] is not None
         assert (second["severity"], second["escalated"], second["action"]) == ("SEV3", "", "reattempt")
+    finally:
+        store.close()
+
+
+def test_a_workers_own_hang_report_does_not_make_its_running_peers_hung() -> None:
+    slow = event(ErrorKind.TASK_HANG, 2, iteration=57, source="worker")
+    running = states(r0=RUNNING, r1=RUNNING, r2=RUNNING, r3=RUNNING)
+    assert infer_hangs([slow], range(4), NODES, running, job="j", generation=0, now=12.0) == []
+    timeout = event(ErrorKind.NCCL_TIMEOUT, 0)  # a peer blocked in a collective does implicate the silent
+    hung = infer_hangs([timeout], range(4), NODES, running, job="j", generation=0, now=12.0)
+    assert [e.rank for e in hung] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_rank_flagged_as_hung_that_finishes_its_iteration_was_only_slow(
+    tmp_path: Path, finished: bool
+) -> None:
+    store = host_store("127.0.0.1", 0)
+    try:
+        channel = JobChannel(store, JobKeys("job"))
+        log = str(tmp_path / "incidents.jsonl")
+        channel.post_config({"world_size": 4, "layout": {"tp": 1, "pp": 2, "dp": 2}, "incident_log": log})
+        clock = [1000.0]
+        coordinator = Coordinator(channel, nodes=["node0"], rank_node=NODES, clock=lambda: clock[0])
+        post_states(
+            channel, "node0", [WorkerState(rank=r, node="node0", pid=1, status=RUNNING) for r in range(4)]
+        )
+        for rank in range(4):
+            channel.post_progress(rank, 56, 0)
+        coordinator.poll()
+        channel.report(FaultEvent(job="job", kind=ErrorKind.TASK_HANG, rank=2, node="node0", generation=0,
+                                  iteration=57, t_detected=clock[0], source="worker",
+                                  message="iteration 57 running for 0.74s"))  # fmt: skip
+        if finished:
+            channel.post_progress(2, 57, 0)
+        for _ in range(30):  # well past the incident's collection bound
+            clock[0] += 0.25
+            post_states(
+                channel, "node0", [WorkerState(rank=r, node="node0", pid=1, status=RUNNING) for r in range(4)]
+            )
+            coordinator.poll()
+        decision = channel.decision(1)
+        if finished:
+            assert decision is None and coordinator.records == []
+        else:  # really stuck: its own report is the root, and only it is restarted
+            assert decision is not None and decision.restart == (2,)
     finally:
         store.close()
