@@ -37,7 +37,9 @@ agent commands (before the decision), ``stop`` (before a STOP decision), ``gen<g
 
 A node whose lease is older than ``lease_ttl_s`` (at least two renewal intervals of the agents), and
 that did not leave, is lost: a ``lost-node`` event (SEV1). A decided generation that does not resume
-within ``resume_timeout_s`` raises an escalated incident (one severity up) on the ranks that did not.
+within ``resume_timeout_s`` raises an escalated incident (one severity up) on the ranks that did not;
+an incident while a recovery has not resumed is graded one severity above it; escalating a failed
+SEV1 recovery stops the job (``incidents``).
 """
 
 from __future__ import annotations
@@ -295,7 +297,7 @@ class Coordinator:
                 log.info("incident opened by %s on rank %s (%s)", event.kind.value, event.rank, event.node)
             self._open.add(event)
         self._seen = len(events)
-        if self._open is None:
+        if self._open is None or self._slow_not_hung():
             return
         states = self._states()
         if not self._open.ready(now, self.rank_node, states):
@@ -306,11 +308,30 @@ class Coordinator:
                 self._give_up("launch rank 0 never posted the job's unicron config "
                               f"({self.channel.prefix}/config), so its faults cannot be handled")
             return
+        if self._pending is not None:
+            self._check_resumed(now)  # resumed meanwhile (its check runs on the slow polls): not a failure
+        failed = self._pending.verdict.incident.severity if self._pending is not None else None
         incident = form_incident(self._open, incident_id=self._next_id, job=self.job,
                                  rank_node=self.rank_node, states=states, history=self.history, now=now,
-                                 progress=self._progress(),
+                                 progress=self._progress(), failed_recovery=failed,
                                  beat_age=lambda rank: self.channel.beat_age(rank, now))
         self._decide(incident, states)
+
+    def _slow_not_hung(self) -> bool:
+        """Drop the open incident when it is only iteration-monitor hang reports whose ranks have since
+        committed the iteration they flagged: those ranks were slow (loaded cores), not hung."""
+        assert self._open is not None
+        progress = self._progress()
+        for event in self._open.events:
+            done = progress.get(event.rank, -1) if event.rank is not None else -1
+            if event.kind is not ErrorKind.TASK_HANG or event.source != "worker" or event.iteration is None \
+                    or done < event.iteration:
+                return False
+        flagged = "; ".join(f"rank {e.rank} flagged iteration {e.iteration} as hung, then finished it"
+                            for e in self._open.events)
+        log.warning("incident dropped: %s", flagged)
+        self._open = None
+        return True
 
     def _decide(self, incident: Incident, states: Mapping[int, WorkerState],
                 targets: Sequence[int] | None = None) -> None:
@@ -347,15 +368,22 @@ class Coordinator:
             self.settings = replace(self.settings, layout=decision.layout, world_size=len(decision.members))
 
     def _fault_time(self, incident: Incident) -> float | None:
-        """``t_fault`` of the injected fault behind the root, if one fired (each record serves once)."""
+        """``t_fault`` of the injected fault behind the root, if one fired (each record serves once).
+
+        A fault fired on the root's rank (its node's, for a node event) comes first; else one fired on
+        another rank of the incident: a rank that dropped its links may report after the peers it cut off.
+        """
         root = incident.root
         ranks = {root.rank} if root.rank is not None else set(
             self.settings.ranks_on(root.node) if self.settings is not None else ())
-        candidates = [
+        fired = [
             record for record in self.channel.fired_faults()
-            if record.get("rank") in ranks and _fault_key(record) not in self._used_faults
+            if _fault_key(record) not in self._used_faults
             and float(record["t_fault"]) <= root.t_detected + 0.5  # later: another fault's record
         ]
+        involved = {e.rank for e in incident.events if e.rank is not None}
+        candidates = ([r for r in fired if r.get("rank") in ranks]
+                      or [r for r in fired if r.get("rank") in involved])
         if not candidates:
             return None
         matching = [r for r in candidates if r.get("iteration") == incident.iteration]

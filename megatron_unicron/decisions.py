@@ -3,13 +3,17 @@
 =========  ==========================================================================================
 severity   verdict
 =========  ==========================================================================================
+exhausted  ``stop`` (a failed SEV1 recovery escalated: nothing is left to try), with the reason and
+           the newest checkpoint as below
 SEV3       ``reattempt``: generation g+1 with the same members and layout; live = every live rank
 SEV2       ``restart``: generation g+1 with the same members; ``restart`` = the failed ranks (the dead,
            the hung, the rank that raised); one agent command per node,
            ``{"op": "restart", "ranks": [...], "generation": g+1, "kill_first": bool}`` (kill first
            when one of those processes is still alive, e.g. a stopped one)
-SEV1       ``plan_fn(job_state, lost_nodes)`` when given (the seam for live reconfiguration); without
-           it, or when it returns None: ``stop``, with a reason naming the lost node (or the failed
+SEV1       ``plan_fn(job_state, lost_nodes)`` when given (the seam for live reconfiguration), with
+           ``job_state.live`` the survivors: live ranks minus the lost nodes' ranks, the dead
+           processes and the root's rank (its device failed, or it kept failing); without a plan_fn,
+           or when it returns None: ``stop``, with a reason naming the lost node (or the failed
            device's rank) and the newest checkpoint (``<save>/latest_checkpointed_iteration.txt``)
 =========  ==========================================================================================
 """
@@ -86,7 +90,11 @@ def stop_reason(incident: Incident, settings: JobSettings) -> tuple[str, str | N
     """Why the job stops and how to resume it: ``(reason, checkpoint directory or None)``."""
     root = incident.root
     at = f" at iteration {incident.iteration}" if incident.iteration is not None else ""
-    if root.kind is ErrorKind.LOST_NODE:
+    if incident.exhausted:
+        where = f"rank {root.rank} ({root.node})" if root.rank is not None else root.node
+        detail = f": {root.message[:300]}" if root.message else ""
+        what = f"the SEV1 recovery, the last resort, failed ({root.kind.value} on {where}{detail}){at}"
+    elif root.kind is ErrorKind.LOST_NODE:
         ranks = ", ".join(map(str, settings.ranks_on(root.node))) or "none"
         what = f"{root.node} was lost (its agent stopped renewing its lease; rank(s) {ranks}){at}"
     elif incident.escalated == "not-resumed":
@@ -141,6 +149,11 @@ def decide(
                         restart=tuple(restart), rank_node=dict(settings.rank_node), resume_iteration=resume,
                         reason=reason)
 
+    if incident.exhausted:
+        reason, checkpoint = stop_reason(incident, settings)
+        return Verdict(incident=incident, decision=make(Action.STOP, reason, keep=()),
+                       ranks=_ranks_of(incident, settings), node=root.node, stop_reason=reason,
+                       checkpoint=checkpoint)
     if incident.severity is Severity.SEV3:
         reason = f"reattempt after {root.kind.value}"
         return Verdict(incident=incident, decision=make(Action.REATTEMPT, reason),
@@ -168,8 +181,12 @@ def decide(
                     command["join"] = True
         return Verdict(incident=incident, decision=decision, ranks=tuple(chosen), node=root.node,
                        commands=commands)
-    lost = frozenset(lost_nodes | {root.node})
-    survivors = tuple(r for r in live if r not in lost_ranks)
+    lost = frozenset(lost_nodes | ({root.node} if root.kind is ErrorKind.LOST_NODE else set()))
+    excluded = {r for r, n in settings.rank_node.items() if n in lost}
+    excluded |= {r for r in live if not _alive(r, states)}  # a dead process can neither train nor serve
+    if root.rank is not None:
+        excluded.add(root.rank)  # the failed device (or the process that keeps failing) is isolated
+    survivors = tuple(r for r in live if r not in excluded)
     if plan_fn is not None:
         state = JobState(job=settings.job, generation=generation, layout=settings.layout,
                          members=tuple(members), live=survivors, rank_node=dict(settings.rank_node),

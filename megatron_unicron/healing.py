@@ -186,6 +186,11 @@ class Healer:
                 report = self.follow(decision, broken=broken)
             except Exception as again:  # a failure while recovering: report it, wait for the next decision
                 self.generation = decision.generation
+                built = self.trainer.generation
+                if built is not None and built.number == decision.generation:
+                    # Built for the new layout but never filled: freshly initialised weights, not the
+                    # job's state; it must not be offered as a source in the next transition.
+                    self.trainer.leave_generation(broken=True)
                 kind = classify_exception(again)
                 self.channel.report(self._event(kind, f"during transition: {type(again).__name__}: {again}"))
                 continue

@@ -11,15 +11,18 @@ A line is appended once the incident's outcome is known, so every incident has e
 
 Fields: ``job``, ``incident`` (1, 2, ... per job), ``generation`` (where the fault happened),
 ``new_generation`` (the one the decision forms), ``root_kind``, ``severity`` and ``base_severity``
-(``"SEV2"``), ``escalated`` (``""``, ``"repeat"``, ``"not-resumed"``), ``action``, ``ranks``,
-``restart``, ``node``, ``iteration``, ``phase``, ``exit_code``, ``message``, ``t_fault`` (when the
-injected fault fired, else null), ``t_detected`` (the root event's), ``t_decided``, ``t_resumed``,
-``outcome``, ``reason`` (why the job stopped), ``checkpoint``, ``events`` (compact: kind, rank, node,
-source, t, and iteration, phase, exit_code, message when known). Times are wall-clock seconds.
+(``"SEV2"``), ``escalated`` (``""``, ``"repeat"``, ``"recovery-failed"``, ``"not-resumed"``), ``action``,
+``ranks``, ``restart``, ``layout`` (``{"tp", "pp", "dp"}`` of the new generation) and ``members`` (its
+launch ranks in new-rank order; empty when the job stops), ``node``, ``iteration``, ``phase``,
+``exit_code``, ``message``, ``t_fault`` (when the injected fault fired, else null), ``t_detected`` (the
+root event's), ``t_decided``, ``t_resumed``, ``outcome``, ``reason`` (why the job stopped),
+``checkpoint``, ``events`` (compact: kind, rank, node, source, t, and iteration, phase, exit_code,
+message when known). Times are wall-clock seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -58,7 +61,8 @@ def incident_record(verdict: Verdict, *, t_decided: float, t_fault: float | None
         "new_generation": verdict.decision.generation, "root_kind": root.kind.value,
         "severity": incident.severity.name, "base_severity": incident.base_severity.name,
         "escalated": incident.escalated, "action": verdict.action.value, "ranks": list(verdict.ranks),
-        "restart": list(verdict.decision.restart), "node": verdict.node, "iteration": incident.iteration,
+        "restart": list(verdict.decision.restart), "layout": dataclasses.asdict(verdict.decision.layout),
+        "members": list(verdict.decision.members), "node": verdict.node, "iteration": incident.iteration,
         "phase": root.phase.value if root.phase is not None else None, "exit_code": root.exit_code,
         "message": root.message, "t_fault": t_fault, "t_detected": root.t_detected, "t_decided": t_decided,
         "t_resumed": t_resumed, "outcome": outcome, "reason": verdict.stop_reason,

@@ -21,6 +21,10 @@ or alive while its peers reported timeouts, is hung: the coordinator adds a ``ha
 
 Escalation: the same root kind on the same rank (node, for node events) within
 ``escalation_window_s`` of an earlier incident is graded one severity above that incident's grade.
+An incident that opens while the previous recovery has not resumed yet means that recovery failed
+(nothing trains during a transition): it is graded at least one severity above the previous incident.
+Above SEV1 nothing is left to try: an incident that escalates a failed SEV1 recovery is *exhausted*
+and the job stops.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ RUNNING, STOPPED, EXITED = "running", "stopped", "exited"
 """A worker process's status as its agent sees it (``/proc/<pid>/stat``: ``T`` is stopped)."""
 
 PROCESS_SIGNALS = frozenset({ErrorKind.EXITED, ErrorKind.LOST_NODE})
-TIMEOUT_KINDS = frozenset({ErrorKind.NCCL_TIMEOUT, ErrorKind.TASK_HANG})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,13 +184,14 @@ def infer_hangs(events: Sequence[FaultEvent], members: Sequence[int], rank_node:
                 states: Mapping[int, WorkerState], *, job: str, generation: int, now: float,
                 beat_age: Callable[[int], float | None] | None = None) -> list[FaultEvent]:
     """``hang`` events for members that did not report while alive: stopped, or running while peers
-    reported timeouts and no longer beating (the process is there, so it is not an exit; it said
-    nothing and its monitor thread fell silent too, so it is stuck).
+    reported collective timeouts and no longer beating (the process is there, so it is not an exit;
+    it said nothing and its monitor thread fell silent too, so it is stuck). A worker's own ``hang``
+    report says that worker is slow, not that its peers are.
 
     Their ``t_detected`` is the first peer timeout (the first in-band sign), else ``now``.
     """
     covered = covered_ranks(events, rank_node)
-    timeouts = [e.t_detected for e in events if e.kind in TIMEOUT_KINDS]
+    timeouts = [e.t_detected for e in events if e.kind is ErrorKind.NCCL_TIMEOUT]
     detected = min(timeouts, default=now)  # the first in-band sign of the hang
     hung = []
     for rank in members:
@@ -275,14 +279,16 @@ class Incident:
     root: FaultEvent
     severity: Severity
     escalated: str = ""
-    """Why the grade is above the root kind's: ``repeat`` or ``not-resumed`` (empty when it is not)."""
+    """Why the grade is above the root kind's: ``repeat``, ``recovery-failed`` or ``not-resumed``."""
+    exhausted: bool = False
+    """It escalates a SEV1 recovery that failed: nothing is left to try, the job stops."""
     iteration: int | None = None
     """The iteration in flight at the root (the event's, or the rank's committed progress + 1)."""
 
     def __post_init__(self) -> None:
         if self.root not in self.events:
             raise ValueError("the root cause must be one of the incident's events")
-        if self.escalated not in ("", "repeat", "not-resumed"):
+        if self.escalated not in ("", "repeat", "recovery-failed", "not-resumed"):
             raise ValueError(f"unknown escalation reason {self.escalated!r}")
 
     @property
@@ -293,9 +299,12 @@ class Incident:
 
 def form_incident(collector: Collector, *, incident_id: int, job: str, rank_node: Mapping[int, str],
                   states: Mapping[int, WorkerState], history: EscalationHistory, now: float,
-                  progress: Mapping[int, int] | None = None,
+                  progress: Mapping[int, int] | None = None, failed_recovery: Severity | None = None,
                   beat_age: Callable[[int], float | None] | None = None) -> Incident:
-    """Close ``collector``: add inferred hangs, pick and grade the root cause."""
+    """Close ``collector``: add inferred hangs, pick and grade the root cause.
+
+    ``failed_recovery`` is the grade of the previous incident when its recovery had not resumed yet.
+    """
     inferred = infer_hangs(collector.events, collector.members, rank_node, states, job=job,
                            generation=collector.generation, now=now, beat_age=beat_age)
     events = tuple(collector.events) + tuple(inferred)
@@ -307,8 +316,11 @@ def form_incident(collector: Collector, *, incident_id: int, job: str, rank_node
     if iteration is None and progress:
         iteration = min(progress.values()) + 1
     escalated = "repeat" if severity < severity_of(root.kind) else ""
+    if failed_recovery is not None and escalate(failed_recovery) < severity:
+        severity, escalated = escalate(failed_recovery), "recovery-failed"
     return Incident(id=incident_id, job=job, generation=collector.generation, events=events, root=root,
-                    severity=severity, escalated=escalated, iteration=iteration)
+                    severity=severity, escalated=escalated, exhausted=failed_recovery is Severity.SEV1,
+                    iteration=iteration)
 
 
 def not_resumed_incident(previous: Incident, *, incident_id: int, generation: int, waiting: Sequence[int],
@@ -318,4 +330,5 @@ def not_resumed_incident(previous: Incident, *, incident_id: int, generation: in
                    message=f"generation {generation} did not resume within {timeout_s:g} s "
                            f"(no good step from rank(s) {', '.join(map(str, waiting))})")
     return Incident(id=incident_id, job=previous.job, generation=generation, events=(root,), root=root,
-                    severity=severity, escalated="not-resumed", iteration=previous.iteration)
+                    severity=severity, escalated="not-resumed", exhausted=previous.severity is Severity.SEV1,
+                    iteration=previous.iteration)

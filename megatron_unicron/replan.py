@@ -180,8 +180,11 @@ def make_shrink_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> ShrinkF
     With the pipelines-first rank order, DP replica ``d`` is the launch-rank block
     ``[d·tp·pp, (d+1)·tp·pp)`` of the members; the replicas without a restarted rank keep training
     (the global batch is split over fewer of them), the surviving ranks of broken replicas wait as
-    spares, and the restarted processes join again later. None when no replica is intact or the
-    global batch does not split over the remaining ones (then everyone waits for the restart).
+    spares, and the restarted processes join again later. The largest number of intact replicas over
+    which the global batch splits trains; None when that is fewer than two (then everyone waits for the
+    restart): a shrunk layout keeps a live copy of every shard, so that one more fault before the
+    restarted ranks are back still has a replica to restore from (the spares' copies go stale as soon
+    as the shrunk layout trains).
     """
 
     def shrink_fn(state: JobState, restarted: tuple[int, ...]) -> Decision | None:
@@ -192,9 +195,12 @@ def make_shrink_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> ShrinkF
         block = layout.tp * layout.pp
         replicas = [state.members[d * block : (d + 1) * block] for d in range(layout.dp)]
         intact = [r for r in replicas if not set(r) & set(restarted)]
-        dp = len(intact)
-        if dp == 0 or config["global_batch_size"] % (config["micro_batch_size"] * dp):
+        splits = [d for d in range(len(intact), 1, -1)
+                  if config["global_batch_size"] % (config["micro_batch_size"] * d) == 0]
+        if not splits:
             return None
+        dp = splits[0]
+        intact = intact[:dp]
         new = LayoutSpec(tp=layout.tp, pp=layout.pp, dp=dp)
         members = tuple(rank for replica in intact for rank in replica)
         return Decision(

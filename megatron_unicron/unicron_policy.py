@@ -3,9 +3,11 @@
 - **Exits.** A worker that exits with a non-zero code or by a signal is reported at once:
   ``FaultEvent(kind=exited, source="agent", rank=<launch rank>, node, exit_code=<code or -signal>,
   generation=<the job's newest>, t_detected=<when waitpid returned>)``. Not reported: exit 0, exits
-  after the job is done or stopped, exits the agent caused, and the exit of a rank a pending restart
+  after the job is done or stopped, exits the agent caused, the exit of a rank a pending restart
   command names (the worker left on reading the decision that restarts it; the coordinator writes the
-  command before it publishes the decision, so the agent always sees the command first).
+  command before it publishes the decision, so the agent always sees the command first), and the exit
+  of a rank the newest decision excludes (not live: its device failed; it left on reading that
+  decision, which is therefore published already). An excluded rank's exit never fails the node.
 - **Commands** (``agent/<node>/commands``): ``{"op": "restart", "ranks": [...], "generation": g,
   "kill_first": bool}``. Each rank's process is killed (at once with ``kill_first``, otherwise after
   ``restart_grace_s`` for it to exit by itself) and started again with the same launch rank and
@@ -25,7 +27,7 @@ import time
 from typing import Any
 
 from megatron_unicron.agent import Ending, ExitPolicy, NodeAgent, Outcome, Reaction
-from megatron_unicron.events import ErrorKind, FaultEvent
+from megatron_unicron.events import Action, ErrorKind, FaultEvent
 from megatron_unicron.incidents import EXITED, WorkerState
 from megatron_unicron.protocol import JobChannel
 from megatron_unicron.worker_states import post_states, process_status
@@ -49,6 +51,7 @@ class UnicronPolicy(ExitPolicy):
         self._stop_seen: float | None = None
         self._posted: list[WorkerState] | None = None
         self._posted_at = 0.0
+        self._excluded: set[int] = set()
 
     def channel(self, agent: NodeAgent) -> JobChannel:
         """The job's channel on the agent's store connection."""
@@ -62,6 +65,9 @@ class UnicronPolicy(ExitPolicy):
         channel = self.channel(agent)
         if self._restart_pending(agent, worker_exit.rank):
             log.info("%s; a restart of it is pending", worker_exit.describe())
+        elif self._left_the_job(channel, worker_exit.rank):
+            self._excluded.add(worker_exit.rank)
+            log.info("%s; the job continues without it", worker_exit.describe())
         elif worker_exit.failed and (channel.is_done() or channel.stopped() is not None):
             log.info("%s after the job ended", worker_exit.describe())
         elif worker_exit.failed:
@@ -96,13 +102,13 @@ class UnicronPolicy(ExitPolicy):
                 self._stop_seen = now
                 log.warning("the job was stopped: %s", stop.get("reason"))
             if not alive or now - self._stop_seen >= self.stop_grace_s:
-                failed = _failed(agent)
+                failed = _failed(agent, self._excluded)
                 return Ending(Outcome.FAILED, failed[0] if failed else None,
                               f"the job was stopped: {stop.get('reason')}")
             return None
         if alive:
             return None
-        failed = _failed(agent)
+        failed = _failed(agent, self._excluded)
         if not failed:
             return Ending(Outcome.SUCCEEDED)
         if channel.is_done():
@@ -115,6 +121,13 @@ class UnicronPolicy(ExitPolicy):
     def _restart_pending(self, agent: NodeAgent, rank: int) -> bool:
         self._fetch(agent)
         return any(rank in command.get("ranks", ()) for command in self._commands[self._executed:])
+
+    @staticmethod
+    def _left_the_job(channel: JobChannel, rank: int) -> bool:
+        """Whether the newest decision excludes ``rank`` (its process then leaves by itself)."""
+        generation = channel.latest_generation()
+        decision = channel.decision(generation) if generation > 0 else None
+        return decision is not None and decision.action is not Action.STOP and rank not in decision.live
 
     def _execute(self, agent: NodeAgent, command: dict[str, Any]) -> None:
         if command.get("op") != "restart":
@@ -147,6 +160,7 @@ class UnicronPolicy(ExitPolicy):
             self._posted, self._posted_at = states, now
 
 
-def _failed(agent: NodeAgent) -> list[WorkerExit]:
-    """The current workers' failed exits, earliest first."""
-    return sorted((w.exit for w in agent.workers.values() if w.exit and w.exit.failed), key=lambda e: e.time)
+def _failed(agent: NodeAgent, excluded: set[int]) -> list[WorkerExit]:
+    """The current workers' failed exits, earliest first, but those of ranks the job excluded."""
+    exits = [w.exit for w in agent.workers.values() if w.exit and w.exit.failed and w.rank not in excluded]
+    return sorted(exits, key=lambda e: e.time)

@@ -85,17 +85,21 @@ def job_config(args: MegatronArgs, env: WorkerEnv, vocab_size: int) -> dict[str,
 
 
 def _injector(args: MegatronArgs, env: WorkerEnv, trainer: Trainer, channel: JobChannel | None) -> object:
-    from megatron_unicron.megatron import groups
-    from megatron_unicron.testing.injector import FaultInjector, schedule_from
+    from megatron_unicron.testing.injector import FaultInjector, close_peer_sockets, schedule_from
 
     schedule = schedule_from(args.unicron.inject)
     if not schedule or (channel is None and env.restart_count > 0):
         return None  # without a store to mark faults fired, a restarted group must not fire them again
+
+    def close_connections() -> None:  # every connection but the one to the job's store
+        closed = close_peer_sockets({env.master_port})
+        logger.warning("unicron-inject: shut down %d peer connection(s)", closed)
+
     injector = FaultInjector(
         schedule,
         env.rank,
         mark_fired=(lambda spec, record: channel.claim_fault(spec.index, record)) if channel else None,
-        close_connections=groups.destroy_world,
+        close_connections=close_connections,
     )
     trainer.phases.listeners.append(injector)
     return injector

@@ -7,7 +7,9 @@ backward, allreduce, optimizer, p2p, save (default forward). KIND is:
 
 * ``kill`` (SIGKILL itself), ``exit`` (exit code 13), ``hang`` (SIGSTOP itself), ``slow=F`` (from then
   on every iteration of the rank takes F times as long), ``node`` (SIGKILL its agent: the agent's
-  workers die with it, as a lost node), ``close`` (close the rank's connections, then fail);
+  workers die with it, as a lost node), ``close`` (shut down the rank's connections to its peers, not
+  the one to the job's store, then fail: the peers see ``Connection closed by peer`` at once, as when
+  a link drops, while the rank's process groups stay registered for the recovery to abandon);
 * one per error type: ``nccl-timeout``, ``ecc``, ``nvlink``, ``network``, ``link-flap``, ``other``,
   ``illegal-memory``, ``dma``, ``conn-refused``, ``cuda``, ``conn-reset``, ``driver``: raised as an
   :class:`InjectedFault` carrying a real error text of that kind.
@@ -23,8 +25,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +105,38 @@ def schedule_from(specs: Iterable[str], environ: dict[str, str] | None = None) -
     env = os.environ if environ is None else environ
     texts = list(specs) + [t for t in env.get(ENV_VAR, "").split(",") if t.strip()]
     return tuple(parse_spec(text, i) for i, text in enumerate(texts))
+
+
+def close_peer_sockets(keep_ports: Collection[int]) -> int:
+    """Shut down this process's connected TCP sockets, except those to or from ``keep_ports``.
+
+    The descriptors stay open (their owners, e.g. gloo's transport, still hold them); every read or write
+    on them fails from now on, here and at the peer. Returns how many connections were shut down.
+    """
+    closed = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=int(name))
+        except OSError:  # closed meanwhile, or not a socket after all
+            continue
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                peer_port = sock.getpeername()[1]
+            except OSError:  # a listening socket
+                continue
+            if peer_port in keep_ports or sock.getsockname()[1] in keep_ports:
+                continue
+            sock.shutdown(socket.SHUT_RDWR)
+            closed += 1
+        except OSError:
+            continue
+        finally:
+            sock.detach()  # the descriptor belongs to its owner: never close it here
+    return closed
 
 
 class FaultInjector:
