@@ -146,6 +146,7 @@ def unicron_run(
     for spec in specs:
         argv += ["--unicron-inject", spec]
     started = time.monotonic()
+    keep = os.environ.get("DETECTION_LATENCY_KEEP")  # a directory: keep each run's output there
     result = run_job(
         argv,
         nproc_per_node=nproc,
@@ -153,15 +154,23 @@ def unicron_run(
         launcher_args=["--unicron", "--shutdown-timeout", "5"],
         timeout_s=900,
     )
+    if keep:
+        Path(keep, f"{name}.log").write_text(result.output)
+        Path(keep, f"{name}.incidents.jsonl").write_text(log.read_text() if log.exists() else "")
     fired = {float(t): spec for spec, t in FIRED.findall(result.output)}
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     healthy = [r["elapsed_ms"] / 1000.0 for r in records[3:]]
     mean_iteration = statistics.mean(healthy) if healthy else 0.0
     lines = read_log(str(log))
     matched = 0
+    for spec in sorted(set(specs) - set(fired.values())):
+        print(f"  {name}: {spec} did not fire", file=sys.stderr)
     for line in lines:
         cause = _fired_spec(fired, line["t_fault"])
         if cause is None:
+            what = f"{line['severity']} {line['root_kind']} {line['ranks']} at iteration {line['iteration']}"
+            print(f"  {name}: incident {line['incident']} matches no fault: {what} -> {line['action']} "
+                  f"({line['outcome']}): {line['message'][:200]}", file=sys.stderr)  # fmt: skip
             continue
         matched += 1
         kind = _spec_kind(cause)
