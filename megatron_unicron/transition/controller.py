@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron_unicron.events import Decision
 from megatron_unicron.megatron import state as mstate
 from megatron_unicron.megatron.guard import RngState, restore_scheduler
+from megatron_unicron.snapshot import ladder
 from megatron_unicron.store import Store
 from megatron_unicron.transition import exchange
 from megatron_unicron.transition.transfer_plan import (
@@ -77,6 +78,7 @@ class _Post:
     scheduler: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     rng: RngState | None = None
+    snapshots: ladder.SnapshotOffer | None = None
 
 
 class _Posts:
@@ -130,6 +132,10 @@ def _from_checkpoint(
 ) -> TransitionReport:
     from megatron_unicron.megatron import checkpoint
 
+    if trainer.snapshots is not None and decision.live and decision.live[0] == trainer.env.rank:
+        target = checkpoint.read_tracker(trainer.args.save) if trainer.args.save else None
+        if target is not None:  # every later snapshot is of an abandoned past
+            ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, target)
     save = trainer.args.save
     if not save or checkpoint.read_tracker(save) is None:
         raise RuntimeError(f"state lost and no checkpoint to fall back to ({why}); configure --save")
@@ -169,6 +175,7 @@ def run_transition(
         seconds[name] = now - clock
         clock = now
 
+    ladder.quiesce(trainer)
     live = list(decision.live)
     me = live.index(launch_rank)
     posts = _Posts(trainer.store, f"/unicron/{trainer.env.job}/transition/gen{decision.generation}", timeout)
@@ -178,7 +185,12 @@ def run_transition(
     target = min(c for c in committed.values() if c >= 0)
     if has_state:
         _align(trainer, guard, target, in_flight=broken)
+    if me == 0 and max(committed.values()) > target and trainer.snapshots is not None:
+        ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, target)
     lap("agree")
+    snapshots = ladder.gather(trainer, decision, launch_rank=launch_rank, node=node, target=target,
+                              has_state=has_state)  # fmt: skip
+    lap("snapshots")
 
     captured = None
     coords = None
@@ -214,6 +226,7 @@ def run_transition(
         coords=coords,
         objects=captured.objects if captured else None,
         common=captured.common if captured else None,
+        snapshots=snapshots.offer if snapshots else None,
         **own,
     )
     posts.put("state", me, post)
@@ -225,6 +238,10 @@ def run_transition(
         for i, meta in enumerate(p.holdings):
             holdings.append(Holding(r, i, meta.key, meta.box, SourceKind.LIVE, p.node))
             shape_of.setdefault(meta.key, meta.global_shape)
+        if p.snapshots is not None:
+            holdings += p.snapshots.holdings(r, len(p.holdings))
+            for meta in p.snapshots.metas:
+                shape_of.setdefault(meta.key, meta.global_shape)
     needs: list[Need] = []
     target_views: list[Any] = []
     for r, p in everyone.items():
@@ -252,9 +269,8 @@ def run_transition(
     views = [torch.empty(0)] * (len(targets.tensors) if targets else 0)  # placeholders for clipped-out needs
     for j, view in target_views:
         views[j] = view
-    stats = exchange.execute(
-        plan, me, captured.tensors if captured else [], views, channel=channel, timeout=timeout
-    )
+    sources = (captured.tensors if captured else []) + (snapshots.tensors if snapshots else [])
+    stats = exchange.execute(plan, me, sources, views, channel=channel, timeout=timeout)
     del channel
     lap("transfer")
 
@@ -263,7 +279,17 @@ def run_transition(
         for p in everyone.values():  # small values (e.g. layers' _extra_state): any holder will do
             for key, value in (p.objects or {}).items():
                 objects.setdefault(key, value)
-        donor = post if captured is not None else next(p for p in everyone.values() if p.common is not None)
+        offers = [p.snapshots for p in everyone.values()]
+        from_snapshot = ladder.trainer_state(offers)  # stands in when no live process holds state
+        for key, value in (from_snapshot["objects"] if from_snapshot else {}).items():
+            objects.setdefault(key, value)
+        holders = [p for p in everyone.values() if p.common is not None]
+        donor = post if captured is not None else (holders[0] if holders else None)
+        if donor is None:
+            assert from_snapshot is not None, "no live process and no snapshot holds the common state"
+            donor = _Post(committed=target, node=node, holdings=[], needs=[], coords=None,
+                          common=from_snapshot["common"], scheduler=from_snapshot["scheduler"],
+                          progress=from_snapshot["progress"])  # fmt: skip
         assert donor.common is not None
         mstate.load_targets(trainer.generation.bundle, targets, objects, donor.common)
         state_donor = post if post.scheduler is not None else donor
@@ -277,7 +303,8 @@ def run_transition(
             if p.coords == (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank) and p.rng is not None
         ]  # fmt: skip
         own_first = [post.rng] if post.coords == (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank) else []
-        for rng in own_first + same_position:
+        snapshot_rng = [ladder.rng_for(offers, (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank))]
+        for rng in own_first + same_position + snapshot_rng:
             if rng is not None:
                 rng.restore()
                 break
