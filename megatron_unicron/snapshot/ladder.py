@@ -1,17 +1,20 @@
 """The snapshot rungs of a transition's ladder of sources.
 
 After the live processes agree on the iteration the job resumes at, each one reads the snapshots it
-serves, of that iteration only, verifies them (CRC32 per shard: a corrupt shard is not offered, so the
-next rung serves it) and offers them with the rest of its state:
+serves (both slots of each directory, iterations up to that one), verifies them (CRC32 per shard: a
+corrupt shard is not offered, so the next rung serves it) and offers them with the rest of its state:
 
-* its own snapshots when it holds no state of its own (a restarted process);
+* its own snapshots;
 * the snapshots of its node's ranks that are not live any more, and the replicas its node received from
   a peer node, when it is the lowest live rank of its node (one server per directory).
 
-The planner (``transition.transfer_plan``) ranks them after every live copy: a snapshot on the
-destination's node, then one on another node (a replica, or a node-mate's snapshot served remotely).
+The planner (``transition.transfer_plan``) ranks snapshots of the agreed iteration after every live
+copy: a snapshot on the destination's node, then one on another node (a replica, or a node-mate's
+snapshot served remotely). When live copies and those snapshots leave a hole (e.g. a worker died while
+copying its newest snapshot), every member rolls back to the newest older iteration whose snapshots
+alone cover the new layout (:func:`plan_rollback`), before falling back to the persistent checkpoint.
 The trainer-level state in a snapshot (progress, LR schedule, common optimizer state, small objects,
-RNG per (TP, PP) position) stands in when no live process can give it.
+RNG per (TP, PP) position) stands in when no live process can give it, and always on a rollback.
 
 Snapshots from an abandoned past are never mixed in: whenever a transition resumes at an iteration below
 what some process had committed, the rollback is recorded in the store, and a snapshot written in an
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +36,14 @@ from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory, rank_dirs, replica_dirs
 from megatron_unicron.snapshot.manifest import Manifest
 from megatron_unicron.snapshot.reader import LoadedSnapshot, load_slot
-from megatron_unicron.transition.transfer_plan import Holding, SourceKind
+from megatron_unicron.transition.transfer_plan import (
+    Holding,
+    Need,
+    SourceKind,
+    TransferPlan,
+    UncoveredError,
+    plan_transfer,
+)
 
 if TYPE_CHECKING:
     from megatron_unicron.events import Decision
@@ -49,15 +60,42 @@ class SnapshotOffer:
     metas: list[ShardMeta] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     """The node whose memory holds each shard (the serving process's node)."""
+    iterations: list[int] = field(default_factory=list)
+    """The iteration of the snapshot each shard comes from."""
     states: list[dict[str, Any]] = field(default_factory=list)
-    """Trainer-level state of each snapshot, with ``"position"`` = (tp_size, pp_size, tp_rank, pp_rank)."""
+    """Trainer-level state of each snapshot, plus ``"iteration"`` and ``"position"`` =
+    (tp_size, pp_size, tp_rank, pp_rank)."""
 
-    def holdings(self, rank: int, first_index: int) -> list[Holding]:
-        """The offer as planner holdings of process ``rank``, indexed after its live holdings."""
+    def holdings(self, rank: int, first_index: int, iteration: int) -> list[Holding]:
+        """The shards of ``iteration`` as holdings of process ``rank``, indexed after its live holdings."""
         return [
             Holding(rank, first_index + i, meta.key, meta.box, SourceKind.SNAPSHOT, node)
-            for i, (meta, node) in enumerate(zip(self.metas, self.nodes))
+            for i, (meta, node, it) in enumerate(zip(self.metas, self.nodes, self.iterations))
+            if it == iteration
         ]
+
+
+Offers = Mapping[int, tuple[int, "SnapshotOffer | None"]]
+"""Every process's offer by its transition rank, with the index its snapshot holdings start at."""
+
+
+def holdings(offers: Offers, iteration: int) -> list[Holding]:
+    """Every offered snapshot shard of ``iteration``."""
+    return [h for rank, (first, offer) in offers.items() if offer is not None
+            for h in offer.holdings(rank, first, iteration)]  # fmt: skip
+
+
+def plan_rollback(
+    offers: Offers, needs: Sequence[Need], rank_node: Mapping[int, str], *, below: int
+) -> tuple[int, TransferPlan] | None:
+    """The newest iteration before ``below`` whose snapshots alone cover ``needs``, with its plan."""
+    iterations = {it for _, offer in offers.values() if offer is not None for it in offer.iterations}
+    for iteration in sorted((it for it in iterations if it < below), reverse=True):
+        try:
+            return iteration, plan_transfer(holdings(offers, iteration), needs, rank_node)
+        except UncoveredError:
+            continue
+    return None
 
 
 @dataclass
@@ -101,7 +139,7 @@ def is_current(manifest: Manifest, rollbacks: list[tuple[int, int]]) -> bool:
 
 
 def served_directories(
-    node_directory: Path, decision: Decision, *, launch_rank: int, node: str, has_state: bool
+    node_directory: Path, decision: Decision, *, launch_rank: int, node: str
 ) -> list[Path]:
     """The rank directories this process serves in a transition (see the module docstring)."""
     live = set(decision.live)
@@ -109,61 +147,71 @@ def served_directories(
     first_on_node = not on_node or on_node[0] == launch_rank
     served = []
     for rank, path in sorted(rank_dirs(node_directory).items()):
-        if (rank == launch_rank and not has_state) or (rank not in live and first_on_node):
+        if rank == launch_rank or (rank not in live and first_on_node):
             served.append(path)
     if first_on_node:
         served += [path for _, path in sorted(replica_dirs(node_directory).items())]
     return served
 
 
-def gather(
-    trainer: Trainer, decision: Decision, *, launch_rank: int, node: str, target: int, has_state: bool
-) -> SnapshotSources | None:
-    """Read and verify the snapshots of iteration ``target`` this process serves; None without snapshots."""
+def gather(trainer: Trainer, decision: Decision, *, launch_rank: int, node: str, target: int
+           ) -> SnapshotSources | None:  # fmt: skip
+    """Read and verify the snapshots up to iteration ``target`` this process serves (None: snapshots off)."""
     service = trainer.snapshots
     if service is None:
         return None
     rollbacks = _rollbacks(trainer.store, trainer.env.job)
     sources = SnapshotSources(offer=SnapshotOffer(), tensors=[], loaded=[])
-    for path in served_directories(
-        service.node_directory, decision, launch_rank=launch_rank, node=node, has_state=has_state
-    ):
+    offer = sources.offer
+    for path in served_directories(service.node_directory, decision, launch_rank=launch_rank, node=node):
         directory = SlotDirectory(path)
-        usable = [m for m in directory.manifests() if m.iteration == target and is_current(m, rollbacks)]
-        manifest = usable[0] if usable else None
-        loaded = load_slot(directory, manifest) if manifest is not None else None
-        if loaded is None:
-            continue
-        sources.loaded.append(loaded)
-        sources.tensors += loaded.tensors
-        sources.offer.metas += loaded.metas
-        sources.offer.nodes += [node] * len(loaded.metas)
-        if loaded.state is not None:
-            sources.offer.states.append(dict(loaded.state, position=manifest.position))  # type: ignore[union-attr]
+        for manifest in directory.manifests():
+            if manifest.iteration > target or not is_current(manifest, rollbacks):
+                continue
+            loaded = load_slot(directory, manifest)
+            if loaded is None:
+                continue
+            sources.loaded.append(loaded)
+            sources.tensors += loaded.tensors
+            offer.metas += loaded.metas
+            offer.nodes += [node] * len(loaded.metas)
+            offer.iterations += [manifest.iteration] * len(loaded.metas)
+            if loaded.state is not None:
+                extra = {"iteration": manifest.iteration, "position": manifest.position}
+                offer.states.append(dict(loaded.state, **extra))
     if sources.loaded:
         logger.info(
-            "unicron: rank %d offers %d snapshot(s) of iteration %d (%d shards, %.1f MB)", launch_rank,
-            len(sources.loaded), target, len(sources.tensors), sum(s.nbytes for s in sources.loaded) / 2**20,
+            "unicron: rank %d offers %d snapshot(s) of iteration(s) %s (%d shards, %.1f MB)", launch_rank,
+            len(sources.loaded), sorted({s.manifest.iteration for s in sources.loaded}), len(sources.tensors),
+            sum(s.nbytes for s in sources.loaded) / 2**20,
         )  # fmt: skip
     return sources
 
 
-def trainer_state(offers: list[SnapshotOffer | None]) -> dict[str, Any] | None:
-    """Progress, LR schedule, common optimizer state and merged objects from any offered snapshot."""
-    states = [s for offer in offers if offer is not None for s in offer.states]
+@dataclass(frozen=True)
+class TrainerState:
+    """The trainer-level state of one iteration, from snapshots."""
+
+    progress: dict[str, Any]
+    scheduler: dict[str, Any]
+    common: dict[str, Any]
+    objects: dict[Any, Any]
+    rng: Any
+    """The RNG of a snapshot written at the same (TP, PP) position, or None."""
+
+
+def trainer_state(
+    offers: Sequence[SnapshotOffer | None], iteration: int, position: tuple[int, int, int, int]
+) -> TrainerState | None:
+    """Progress, LR schedule, common optimizer state, objects (merged) and RNG of ``iteration``."""
+    states = [s for offer in offers if offer is not None for s in offer.states if s["iteration"] == iteration]
     if not states:
         return None
     objects: dict[Any, Any] = {}
     for state in states:
         for key, value in state["objects"].items():
             objects.setdefault(key, value)
-    return dict(states[0], objects=objects)
-
-
-def rng_for(offers: list[SnapshotOffer | None], position: tuple[int, int, int, int]) -> Any:
-    """The RNG state a snapshot of the same (TP, PP) position holds, or None."""
-    for offer in offers:
-        for state in offer.states if offer is not None else ():
-            if tuple(state["position"]) == position:
-                return state["rng"]
-    return None
+    rng = next((s["rng"] for s in states if tuple(s["position"]) == position), None)
+    first = states[0]
+    return TrainerState(progress=first["progress"], scheduler=first["scheduler"], common=first["common"],
+                        objects=objects, rng=rng)  # fmt: skip

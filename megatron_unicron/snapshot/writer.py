@@ -8,9 +8,12 @@ parameters or optimizer state); the trainer calls :meth:`SnapshotWriter.wait` be
 which is the only point where training can stall on a snapshot.
 
 The copy is one ``torch._foreach_copy_`` and the checksums are ``zlib.crc32`` on the mapped bytes: both
-release the GIL, so the training thread is not held up by them. ``UNICRON_SNAPSHOT_COPY_DELAY_S``
-(tests only) sleeps half-way through each copy, after writing ``<slot>.copying`` with the iteration
-being copied, so that a test can kill the worker mid-copy and prove it did.
+release the GIL, so the training thread is not held up by them.
+
+``UNICRON_SNAPSHOT_COPY_DELAY_S=SECONDS[@ITERATION[:RANK]]`` (tests only) sleeps half-way through a copy
+(every snapshot, or that iteration's, on every launch rank or that one), after writing
+``<slot>.copying`` with the iteration and logging a warning, so that a test can kill the worker
+mid-copy and prove it did. A marker left by a killed writer turns the delay off for its restart.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +58,32 @@ class SnapshotRequest:
     def __post_init__(self) -> None:
         if len(self.metas) != len(self.tensors):
             raise ValueError(f"{len(self.metas)} shard descriptions for {len(self.tensors)} tensors")
+
+
+@dataclass(frozen=True)
+class CopyDelay:
+    """The test-only copy delay (see the module docstring)."""
+
+    seconds: float = 0.0
+    iteration: int | None = None
+    rank: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CopyDelay:
+        """``SECONDS[@ITERATION[:RANK]]``; no delay when empty."""
+        if not text.strip():
+            return cls()
+        seconds, _, where = text.partition("@")
+        iteration, _, rank = where.partition(":")
+        try:
+            return cls(float(seconds), int(iteration) if iteration else None, int(rank) if rank else None)
+        except ValueError:
+            raise ValueError(f"{COPY_DELAY_ENV}={text!r}: give SECONDS[@ITERATION[:RANK]]") from None
+
+    def applies(self, iteration: int, rank: int, directory: Path) -> bool:
+        """Whether to delay this copy (never again once a killed writer left its marker)."""
+        return (self.seconds > 0 and self.iteration in (None, iteration) and self.rank in (None, rank)
+                and not any(directory.glob("*.copying")))  # fmt: skip
 
 
 def plan_offsets(metas: Sequence[ShardMeta]) -> tuple[list[int], int]:
@@ -117,7 +147,7 @@ class SnapshotWriter:
         self.node = node
         self.launch_rank = launch_rank
         self.stats = WriterStats()
-        self.copy_delay_s = float(os.environ.get(COPY_DELAY_ENV) or 0.0)
+        self.copy_delay = CopyDelay.parse(os.environ.get(COPY_DELAY_ENV, ""))
         self._sequence = directory.next_sequence()
         self._maps: dict[str, _SlotMap] = {}
         self._requests: queue.SimpleQueue[SnapshotRequest | None] = queue.SimpleQueue()
@@ -185,11 +215,14 @@ class SnapshotWriter:
         slot = directory.open_slot()  # the older slot loses its manifest before any byte changes
         slot_map = self._slot_map(slot, request.metas)
         views, tensors = slot_map.views, list(request.tensors)
-        if self.copy_delay_s > 0:
+        delayed = self.copy_delay.applies(request.iteration, self.launch_rank, directory.path)
+        if delayed:
             half = len(views) // 2
             (directory.path / f"{slot}.copying").write_text(str(request.iteration))
             torch._foreach_copy_(views[:half], tensors[:half])
-            time.sleep(self.copy_delay_s)
+            logger.warning("unicron: copying the snapshot of iteration %d into slot %s of %s, delayed %gs",
+                           request.iteration, slot, directory.path, self.copy_delay.seconds)  # fmt: skip
+            time.sleep(self.copy_delay.seconds)
             torch._foreach_copy_(views[half:], tensors[half:])
         elif views:
             torch._foreach_copy_(views, tensors)
@@ -204,7 +237,7 @@ class SnapshotWriter:
             state_crc=zlib.crc32(state), shards=tuple(records), created=time.time(),
         )  # fmt: skip
         directory.commit(manifest)
-        if self.copy_delay_s > 0:
+        if delayed:
             (directory.path / f"{slot}.copying").unlink(missing_ok=True)
         self._sequence += 1
         self.stats.written += 1

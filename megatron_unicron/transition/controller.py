@@ -185,11 +185,8 @@ def run_transition(
     target = min(c for c in committed.values() if c >= 0)
     if has_state:
         _align(trainer, guard, target, in_flight=broken)
-    if me == 0 and max(committed.values()) > target and trainer.snapshots is not None:
-        ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, target)
     lap("agree")
-    snapshots = ladder.gather(trainer, decision, launch_rank=launch_rank, node=node, target=target,
-                              has_state=has_state)  # fmt: skip
+    snapshots = ladder.gather(trainer, decision, launch_rank=launch_rank, node=node, target=target)
     lap("snapshots")
 
     captured = None
@@ -238,10 +235,9 @@ def run_transition(
         for i, meta in enumerate(p.holdings):
             holdings.append(Holding(r, i, meta.key, meta.box, SourceKind.LIVE, p.node))
             shape_of.setdefault(meta.key, meta.global_shape)
-        if p.snapshots is not None:
-            holdings += p.snapshots.holdings(r, len(p.holdings))
-            for meta in p.snapshots.metas:
-                shape_of.setdefault(meta.key, meta.global_shape)
+        for meta in p.snapshots.metas if p.snapshots is not None else ():
+            shape_of.setdefault(meta.key, meta.global_shape)
+    offers = {r: (len(p.holdings), p.snapshots) for r, p in everyone.items()}
     needs: list[Need] = []
     target_views: list[Any] = []
     for r, p in everyone.items():
@@ -252,13 +248,22 @@ def run_transition(
                 if r == me and targets is not None:
                     local = tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, meta.box))
                     target_views.append((j, targets.tensors[j][local]))
+    resume = target
     try:
-        plan = plan_transfer(holdings, needs, rank_node)
+        plan = plan_transfer(holdings + ladder.holdings(offers, target), needs, rank_node)
     except UncoveredError as uncovered:
-        # Some shard has no live copy (e.g. a dead rank without a DP replica): every process sees the same
-        # hole, so all members reload the newest persistent checkpoint together (state stays consistent).
-        lap("plan")
-        return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))
+        # Some shard has no live copy and no snapshot (e.g. a dead rank without a DP replica): every
+        # process sees the same hole, so all members reload the same older state together: the newest
+        # snapshots that cover everything, else the newest persistent checkpoint.
+        rollback = ladder.plan_rollback(offers, needs, rank_node, below=target)
+        if rollback is None:
+            lap("plan")
+            return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))
+        resume, plan = rollback
+        logger.warning("unicron: %s; every member rolls back to the snapshots of iteration %d",
+                       uncovered, resume)  # fmt: skip
+    if me == 0 and max(committed.values()) > resume and trainer.snapshots is not None:
+        ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, resume)
     lap("plan")
 
     channel: Any = None
@@ -275,36 +280,31 @@ def run_transition(
     lap("transfer")
 
     if targets is not None and trainer.generation is not None:
+        new = trainer.generation.coords
+        position = (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank)
+        # Live state is of the agreed iteration: on a rollback only snapshots hold the state to resume.
+        current = [post] + [p for r, p in everyone.items() if r != me] if resume == target else []
+        from_snapshots = ladder.trainer_state([p.snapshots for p in everyone.values()], resume, position)
         objects: dict[tuple[str, tuple[int, ...]], Any] = {}
-        for p in everyone.values():  # small values (e.g. layers' _extra_state): any holder will do
+        for p in current:  # small values (e.g. layers' _extra_state): any holder will do
             for key, value in (p.objects or {}).items():
                 objects.setdefault(key, value)
-        offers = [p.snapshots for p in everyone.values()]
-        from_snapshot = ladder.trainer_state(offers)  # stands in when no live process holds state
-        for key, value in (from_snapshot["objects"] if from_snapshot else {}).items():
+        for key, value in (from_snapshots.objects if from_snapshots else {}).items():
             objects.setdefault(key, value)
-        holders = [p for p in everyone.values() if p.common is not None]
-        donor = post if captured is not None else (holders[0] if holders else None)
-        if donor is None:
-            assert from_snapshot is not None, "no live process and no snapshot holds the common state"
-            donor = _Post(committed=target, node=node, holdings=[], needs=[], coords=None,
-                          common=from_snapshot["common"], scheduler=from_snapshot["scheduler"],
-                          progress=from_snapshot["progress"])  # fmt: skip
-        assert donor.common is not None
-        mstate.load_targets(trainer.generation.bundle, targets, objects, donor.common)
-        state_donor = post if post.scheduler is not None else donor
-        assert state_donor.scheduler is not None and state_donor.progress is not None
-        restore_scheduler(trainer.generation.bundle.scheduler, state_donor.scheduler)
-        for name, value in state_donor.progress.items():
+        donor = next((p for p in current if p.common is not None and p.scheduler is not None), None)
+        if donor is not None:
+            assert donor.common is not None and donor.scheduler is not None and donor.progress is not None
+            common, scheduler, progress = donor.common, donor.scheduler, donor.progress
+        else:
+            assert from_snapshots is not None, "neither a live process nor a snapshot holds the trainer state"
+            snap = from_snapshots
+            common, scheduler, progress = snap.common, snap.scheduler, snap.progress
+        mstate.load_targets(trainer.generation.bundle, targets, objects, common)
+        restore_scheduler(trainer.generation.bundle.scheduler, scheduler)
+        for name, value in progress.items():
             setattr(trainer.progress, name, value)
-        new = trainer.generation.coords
-        same_position = [
-            p.rng for p in everyone.values()
-            if p.coords == (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank) and p.rng is not None
-        ]  # fmt: skip
-        own_first = [post.rng] if post.coords == (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank) else []
-        snapshot_rng = [ladder.rng_for(offers, (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank))]
-        for rng in own_first + same_position + snapshot_rng:
+        same_position = [p.rng for p in current if p.coords == position]
+        for rng in same_position + [from_snapshots.rng if from_snapshots else None]:
             if rng is not None:
                 rng.restore()
                 break
@@ -322,7 +322,7 @@ def run_transition(
         generation=decision.generation,
         layout=str(decision.layout),
         member=new_rank is not None,
-        resume_iteration=target,
+        resume_iteration=resume,
         seconds=seconds,
         bytes_moved=stats.received_bytes,
         bytes_needed=needed,
