@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,7 +125,7 @@ class AsyncCheckpointer:
 
     def __init__(self) -> None:
         self._strategy: Any = None
-        self._generation: object | None = None
+        self._generation: weakref.ref[Any] | None = None  # weak: a generation holds its process groups
 
     def start(self, root: str, trainer: Trainer, args: MegatronArgs) -> AsyncCheckpoint:
         """Collective: plan the checkpoint of the current iteration and start writing it."""
@@ -136,12 +137,12 @@ class AsyncCheckpointer:
         optimizer_fixes.apply()
         gen = trainer.generation
         assert gen is not None
-        first = self._generation is not gen
+        first = self._generation is None or self._generation() is not gen
         if first:  # the cached plan is only valid for one layout (one generation)
             self._strategy = TorchDistSaveShardedStrategy(
                 "torch_dist", 1, thread_count=1, cached_metadata=True
             )
-            self._generation = gen
+            self._generation = weakref.ref(gen)
         iteration = trainer.progress.iteration
         directory = checkpoint.checkpoint_dir(root, iteration)
         if dist.get_rank() == 0:

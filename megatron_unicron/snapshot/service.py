@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,7 +72,7 @@ def check_config(args: MegatronArgs) -> bool:
 
 @dataclass
 class _LiveState:
-    generation: Generation
+    generation: weakref.ref[Generation]  # not a strong reference: it holds the layout's process groups
     live: CapturedState
     layout: tuple[int, int, int]
     coords: tuple[int, int, int]
@@ -161,6 +162,7 @@ class SnapshotService:
     def close(self) -> None:
         """End of training: finish the copy, stop the writer (the files stay for the agent)."""
         self.before_step()
+        self._live = None
         self._abandon_persist("training ended first")
         self.writer.close()
 
@@ -168,18 +170,19 @@ class SnapshotService:
     def _live_state(self) -> _LiveState:
         gen = self.trainer.generation
         assert gen is not None, "snapshot without a generation"
-        if self._live is None or self._live.generation is not gen:
+        if self._live is None or self._live.generation() is not gen:
             c = gen.coords
             live = live_shards(gen.bundle, self.trainer.args)
             layout, coords = (c.tp_size, c.pp_size, c.dp_size), (c.tp_rank, c.pp_rank, c.dp_rank)
-            self._live = _LiveState(gen, live, layout, coords)
+            self._live = _LiveState(weakref.ref(gen), live, layout, coords)
         return self._live
 
     def _snapshot(self, iteration: int) -> None:
         from megatron_unicron.megatron.guard import RngState
 
         current = self._live_state()
-        gen = current.generation
+        gen = self.trainer.generation
+        assert gen is not None
         state: dict[str, Any] = {
             "progress": vars(self.trainer.progress).copy(),
             "scheduler": gen.bundle.scheduler.state_dict(),
