@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
 from megatron_unicron.megatron import checkpoint, optimizer_fixes
@@ -80,6 +81,10 @@ def _write(request: Any) -> None:
     results.put(written)
 
 
+class PersistFailed(RuntimeError):
+    """Some rank could not write its part of an asynchronous checkpoint (every rank raises it)."""
+
+
 @dataclass
 class AsyncCheckpoint:
     """One checkpoint being written; :meth:`finalize` (collective) makes it the newest."""
@@ -103,11 +108,18 @@ class AsyncCheckpoint:
         return time.perf_counter() - started
 
     def finalize(self) -> float:
-        """Collective: write the global metadata, then advance the tracker; returns the seconds it took."""
+        """Collective: write the global metadata, then advance the tracker; returns the seconds it took.
+
+        If any rank failed to write its files, every rank leaves the checkpoint incomplete (it never
+        becomes the newest) and raises.
+        """
         started = time.perf_counter()
         self.wait()
-        if self._errors:
-            raise RuntimeError(f"writing checkpoint {self.directory} failed: {self._errors[0]}")
+        failed = torch.tensor([1 if self._errors else 0], dtype=torch.int32)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            why = f": {self._errors[0]}" if self._errors else " on another rank"
+            raise PersistFailed(f"writing checkpoint {self.directory} failed{why}")
         for finalize_fn in self._request.finalize_fns:
             finalize_fn()
         if dist.get_rank() == 0:

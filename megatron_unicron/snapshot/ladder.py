@@ -1,8 +1,9 @@
 """The snapshot rungs of a transition's ladder of sources.
 
-After the live processes agree on the iteration the job resumes at, each one reads the snapshots it
-serves (both slots of each directory, iterations up to that one), verifies them (CRC32 per shard: a
-corrupt shard is not offered, so the next rung serves it) and offers them with the rest of its state:
+When the live copies leave a hole in the new layout (every process sees the same hole), each live process
+reads the snapshots it serves (both slots of each directory, iterations up to the agreed one), verifies
+them (CRC32 per shard: a corrupt shard is not offered, so the next rung serves it) and offers them to
+the others (:func:`fill_hole`):
 
 * its own snapshots;
 * the snapshots of its node's ranks that are not live any more, and the replicas its node received from
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,6 +187,46 @@ def gather(trainer: Trainer, decision: Decision, *, launch_rank: int, node: str,
             sum(s.nbytes for s in sources.loaded) / 2**20,
         )  # fmt: skip
     return sources
+
+
+Share = Callable[["SnapshotOffer | None"], Mapping[int, "SnapshotOffer | None"]]
+"""Posts this process's offer to the others and returns everyone's, by transition rank (collective)."""
+
+
+@dataclass
+class Filled:
+    """A plan that needed snapshots, and what the exchange and the load need from them."""
+
+    plan: TransferPlan
+    resume: int
+    """The agreed iteration, or the older one every member rolls back to."""
+    offers: dict[int, SnapshotOffer | None]
+    tensors: list[torch.Tensor]
+    """This process's snapshot sources (indexed after its live holdings)."""
+
+
+def fill_hole(
+    trainer: Trainer, decision: Decision, *, launch_rank: int, node: str, target: int,
+    live: Sequence[Holding], needs: Sequence[Need], rank_node: Mapping[int, str],
+    first_index: Mapping[int, int], share: Share,
+) -> Filled | None:
+    """Plan with the snapshots after the live copies left a hole; None when they do not cover it either.
+
+    Every live process calls it (``share`` posts this process's offer and returns everyone's, by
+    transition rank); ``first_index`` is each process's number of live holdings.
+    """
+    if trainer.snapshots is None:  # the same on every process: snapshots are a job-wide setting
+        return None
+    sources = gather(trainer, decision, launch_rank=launch_rank, node=node, target=target)
+    offers = dict(share(sources.offer if sources is not None else None))
+    indexed = {r: (first_index[r], offer) for r, offer in offers.items()}
+    tensors = sources.tensors if sources is not None else []
+    try:
+        plan = plan_transfer([*live, *holdings(indexed, target)], needs, rank_node)
+        return Filled(plan, target, offers, tensors)
+    except UncoveredError:
+        rollback = plan_rollback(indexed, needs, rank_node, below=target)
+    return Filled(rollback[1], rollback[0], offers, tensors) if rollback is not None else None
 
 
 @dataclass(frozen=True)

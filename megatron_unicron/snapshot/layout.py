@@ -122,16 +122,20 @@ class SlotDirectory:
         After this returns, the chosen slot has no manifest: a crash while it is rewritten leaves it
         unreadable, and the other slot is untouched.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
         complete = {m.slot: m.sequence for m in self.manifests()}
         missing = [s for s in SLOTS if s not in complete]
         slot = missing[0] if missing else min(complete, key=lambda s: complete[s])
+        self.invalidate(slot)
+        return slot
+
+    def invalidate(self, slot: str) -> None:
+        """Remove ``slot``'s manifest (before its files are rewritten); creates the directory if needed."""
+        self.path.mkdir(parents=True, exist_ok=True)
         try:
             self.manifest_path(slot).unlink()
         except FileNotFoundError:
             pass
-        return slot
 
-    def commit(self, manifest: Manifest) -> None:
-        """Publish a slot whose files are complete."""
-        write_atomically(self.manifest_path(manifest.slot), manifest.to_json().encode())
+    def commit(self, manifest: Manifest, *, shards_json: str | None = None) -> None:
+        """Publish a slot whose files are complete (``shards_json``: its shards' JSON, if known)."""
+        write_atomically(self.manifest_path(manifest.slot), manifest.to_json(shards_json).encode())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ def dtype_of(name: str) -> torch.dtype:
 
 @dataclass(frozen=True, kw_only=True)
 class ShardRecord:
-    """One shard in a slot's data file."""
+    """Where one shard lies in a slot's data file (the same for every snapshot of a layout)."""
 
     key: str
     box: Box
@@ -57,7 +57,6 @@ class ShardRecord:
     dtype: str
     offset: int
     nbytes: int
-    crc: int
 
     def __post_init__(self) -> None:
         if len(self.box) != len(self.global_shape):
@@ -67,10 +66,15 @@ class ShardRecord:
         numel = 1
         for a, b in self.box:
             numel *= b - a
-        if numel * torch.empty(0, dtype=dtype_of(self.dtype)).element_size() != self.nbytes:
+        if numel * dtype_of(self.dtype).itemsize != self.nbytes:
             raise ValueError(f"shard {self.key}: {self.nbytes} bytes do not fit {self.dtype} box {self.box}")
         if self.offset < 0:
             raise ValueError(f"shard {self.key}: negative offset {self.offset}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return {"key": self.key, "box": self.box, "global_shape": self.global_shape, "dtype": self.dtype,
+                "offset": self.offset, "nbytes": self.nbytes}  # fmt: skip
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -79,7 +83,7 @@ class ShardRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardRecord:
-        """Inverse of ``dataclasses.asdict`` (JSON lists back to tuples)."""
+        """Inverse of :meth:`to_dict` (JSON lists back to tuples)."""
         return cls(
             key=data["key"],
             box=tuple((int(a), int(b)) for a, b in data["box"]),
@@ -87,7 +91,6 @@ class ShardRecord:
             dtype=data["dtype"],
             offset=int(data["offset"]),
             nbytes=int(data["nbytes"]),
-            crc=int(data["crc"]),
         )
 
 
@@ -113,6 +116,8 @@ class Manifest:
     state_bytes: int
     state_crc: int
     shards: tuple[ShardRecord, ...]
+    crcs: tuple[int, ...]
+    """CRC32 of each shard's bytes."""
     created: float
     format: int = FORMAT
 
@@ -125,6 +130,8 @@ class Manifest:
             raise ValueError("snapshot iteration, launch rank and sequence must be >= 0")
         if min(self.layout) < 1 or len(self.layout) != 3 or len(self.coords) != 3:
             raise ValueError(f"bad snapshot layout {self.layout} / coords {self.coords}")
+        if len(self.crcs) != len(self.shards):
+            raise ValueError(f"{len(self.crcs)} checksums for {len(self.shards)} shards")
         end = max((s.offset + s.nbytes for s in self.shards), default=0)
         if end > self.data_bytes:
             raise ValueError(f"snapshot shards end at byte {end}, past the data size {self.data_bytes}")
@@ -134,9 +141,11 @@ class Manifest:
         """(tp_size, pp_size, tp_rank, pp_rank): the RNG streams of a rank depend on these."""
         return (self.layout[0], self.layout[1], self.coords[0], self.coords[1])
 
-    def to_json(self) -> str:
-        """The manifest file's text."""
-        return json.dumps(asdict(self), sort_keys=True)
+    def to_json(self, shards: str | None = None) -> str:
+        """The manifest file's text; ``shards``: :func:`shards_json` of its shards, when already known."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shards"}
+        text = json.dumps(data, sort_keys=True)
+        return f'{text[:-1]}, "shards": {shards if shards is not None else shards_json(self.shards)}}}'
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
@@ -144,11 +153,17 @@ class Manifest:
         try:
             data = json.loads(text)
             data["shards"] = tuple(ShardRecord.from_dict(s) for s in data["shards"])
+            data["crcs"] = tuple(int(c) for c in data["crcs"])
             data["layout"] = tuple(data["layout"])
             data["coords"] = tuple(data["coords"])
             return cls(**data)
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"not a snapshot manifest: {e}") from None
+
+
+def shards_json(shards: tuple[ShardRecord, ...] | list[ShardRecord]) -> str:
+    """The JSON of a shard list (the same for every snapshot of a layout: writers compute it once)."""
+    return json.dumps([s.to_dict() for s in shards])
 
 
 def write_atomically(path: Path, data: bytes) -> None:

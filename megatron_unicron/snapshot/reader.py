@@ -74,9 +74,9 @@ def load_slot(directory: SlotDirectory, manifest: Manifest) -> LoadedSnapshot | 
         return None
     whole = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     loaded = LoadedSnapshot(manifest=manifest, path=directory.path, metas=[], tensors=[])
-    for record in manifest.shards:
+    for record, crc in zip(manifest.shards, manifest.crcs):
         chunk = memoryview(data)[record.offset : record.offset + record.nbytes]
-        if zlib.crc32(chunk) != record.crc:
+        if zlib.crc32(chunk) != crc:
             loaded.corrupt.append(f"{record.key} {record.box}")
             continue
         piece = whole[record.offset : record.offset + record.nbytes].view(dtype_of(record.dtype))

@@ -69,8 +69,8 @@ def _crc_of_range(f: BinaryIO, offset: int, size: int) -> int:
 def verify_files(directory: SlotDirectory, manifest: Manifest) -> str | None:
     """Check a slot's files against ``manifest`` (in chunks); the first problem found, or None."""
     with open(directory.data_path(manifest.slot), "rb") as f:
-        for shard in manifest.shards:
-            if _crc_of_range(f, shard.offset, shard.nbytes) != shard.crc:
+        for shard, crc in zip(manifest.shards, manifest.crcs):
+            if _crc_of_range(f, shard.offset, shard.nbytes) != crc:
                 return f"shard {shard.key} {shard.box} fails its checksum"
     with open(directory.state_path(manifest.slot), "rb") as f:
         if _crc_of_range(f, 0, manifest.state_bytes) != manifest.state_crc:

@@ -211,7 +211,13 @@ class SnapshotService:
     def _finalize(self, pending: AsyncCheckpoint) -> None:
         started = time.perf_counter()
         self._persist = None
-        pending.finalize()
+        from megatron_unicron.megatron.async_save import PersistFailed
+
+        try:
+            pending.finalize()
+        except PersistFailed as error:  # a failed write: the checkpoint stays incomplete, training goes on
+            logger.error("unicron: %s", error)
+            return
         self.persisted.append(pending.iteration)
         logger.info(
             "unicron: persisted iteration %d to %s (finalised in %.3fs)",

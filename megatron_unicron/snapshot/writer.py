@@ -18,6 +18,7 @@ mid-copy and prove it did. A marker left by a killed writer turns the delay off 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -34,7 +35,7 @@ import torch
 
 from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory
-from megatron_unicron.snapshot.manifest import Manifest, ShardRecord, dtype_name
+from megatron_unicron.snapshot.manifest import SLOTS, Manifest, ShardRecord, dtype_name, shards_json
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,26 @@ class CopyDelay:
                 and not any(directory.glob("*.copying")))  # fmt: skip
 
 
+def _tensor(array: Any) -> torch.Tensor:
+    return torch.from_numpy(array)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles CPU tensors as numpy arrays: their bytes as they are, far cheaper than torch's reducer."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.dtype != torch.bfloat16:
+            return _tensor, (obj.detach().numpy(),)
+        return NotImplemented
+
+
+def dumps(state: Any) -> bytes:
+    """Pickle a snapshot's trainer-level state (``pickle.loads`` reads it back)."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+    return buffer.getvalue()
+
+
 def plan_offsets(metas: Sequence[ShardMeta]) -> tuple[list[int], int]:
     """Aligned byte offsets of each shard in a slot's data file, and the file's size."""
     offsets, end = [], 0
@@ -94,37 +115,36 @@ def plan_offsets(metas: Sequence[ShardMeta]) -> tuple[list[int], int]:
         numel = 1
         for a, b in meta.box:
             numel *= b - a
-        nbytes = numel * torch.empty(0, dtype=meta.dtype).element_size()
-        end += -(-nbytes // ALIGN) * ALIGN
+        end += -(-numel * meta.dtype.itemsize // ALIGN) * ALIGN
     return offsets, end
 
 
 class _SlotMap:
-    """One slot's data file mapped into memory, with a view per shard of the current shard list."""
+    """One slot's data file mapped into memory, with a view and a record per shard of a shard list."""
 
     def __init__(self, path: os.PathLike[str], metas: Sequence[ShardMeta]) -> None:
         self.metas = metas
-        self.offsets, self.size = plan_offsets(metas)
+        offsets, self.size = plan_offsets(metas)
         with open(path, "ab") as f:  # create it, then give it exactly the size needed
             f.truncate(self.size)
         self.buffer = torch.from_file(os.fspath(path), shared=True, size=max(self.size, 1), dtype=torch.uint8)
         self.bytes = self.buffer.numpy().data  # a memoryview of the mapping
         self.views = []
-        for meta, offset in zip(metas, self.offsets):
+        self.records = []
+        for meta, offset in zip(metas, offsets):
             shape = [b - a for a, b in meta.box]
-            nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=meta.dtype).element_size()
+            nbytes = int(torch.Size(shape).numel()) * meta.dtype.itemsize
             self.views.append(self.buffer[offset : offset + nbytes].view(meta.dtype).view(shape))
-
-    def records(self, metas: Sequence[ShardMeta]) -> list[ShardRecord]:
-        """Checksum every shard's bytes as they are now in the slot."""
-        out = []
-        for meta, offset, view in zip(metas, self.offsets, self.views):
-            nbytes = view.numel() * view.element_size()
-            out.append(ShardRecord(
+            self.records.append(ShardRecord(
                 key=meta.key, box=meta.box, global_shape=meta.global_shape, dtype=dtype_name(meta.dtype),
-                offset=offset, nbytes=nbytes, crc=zlib.crc32(self.bytes[offset : offset + nbytes]),
+                offset=offset, nbytes=nbytes,
             ))  # fmt: skip
-        return out
+        self.ranges = [(r.offset, r.offset + r.nbytes) for r in self.records]
+        self.shards_json = shards_json(self.records)
+
+    def checksums(self) -> tuple[int, ...]:
+        """CRC32 of every shard's bytes as they are now in the slot."""
+        return tuple(zlib.crc32(self.bytes[a:b]) for a, b in self.ranges)
 
 
 @dataclass
@@ -148,7 +168,9 @@ class SnapshotWriter:
         self.launch_rank = launch_rank
         self.stats = WriterStats()
         self.copy_delay = CopyDelay.parse(os.environ.get(COPY_DELAY_ENV, ""))
-        self._sequence = directory.next_sequence()
+        # Which slot holds which snapshot: read from disk once (a restarted writer continues), then kept.
+        self._complete = {m.slot: m.sequence for m in directory.manifests()}
+        self._sequence = max(self._complete.values(), default=-1) + 1
         self._maps: dict[str, _SlotMap] = {}
         self._requests: queue.SimpleQueue[SnapshotRequest | None] = queue.SimpleQueue()
         self._idle = threading.Event()
@@ -212,7 +234,10 @@ class SnapshotWriter:
     def _write(self, request: SnapshotRequest) -> None:
         started = time.perf_counter()
         directory = self.directory
-        slot = directory.open_slot()  # the older slot loses its manifest before any byte changes
+        free = [s for s in SLOTS if s not in self._complete]
+        slot = free[0] if free else min(self._complete, key=lambda s: self._complete[s])
+        self._complete.pop(slot, None)
+        directory.invalidate(slot)  # the older slot loses its manifest before any byte changes
         slot_map = self._slot_map(slot, request.metas)
         views, tensors = slot_map.views, list(request.tensors)
         delayed = self.copy_delay.applies(request.iteration, self.launch_rank, directory.path)
@@ -226,17 +251,18 @@ class SnapshotWriter:
             torch._foreach_copy_(views[half:], tensors[half:])
         elif views:
             torch._foreach_copy_(views, tensors)
-        records = slot_map.records(request.metas)
-        state = pickle.dumps(request.state, protocol=pickle.HIGHEST_PROTOCOL)
+        crcs = slot_map.checksums()
+        state = dumps(request.state)
         with open(directory.state_path(slot), "wb") as f:
             f.write(state)
         manifest = Manifest(
             job=self.job, node=self.node, launch_rank=self.launch_rank, slot=slot,
             iteration=request.iteration, generation=request.generation, sequence=self._sequence,
             layout=request.layout, coords=request.coords, data_bytes=slot_map.size, state_bytes=len(state),
-            state_crc=zlib.crc32(state), shards=tuple(records), created=time.time(),
+            state_crc=zlib.crc32(state), shards=tuple(slot_map.records), crcs=crcs, created=time.time(),
         )  # fmt: skip
-        directory.commit(manifest)
+        directory.commit(manifest, shards_json=slot_map.shards_json)
+        self._complete[slot] = manifest.sequence
         if delayed:
             (directory.path / f"{slot}.copying").unlink(missing_ok=True)
         self._sequence += 1

@@ -78,7 +78,6 @@ class _Post:
     scheduler: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     rng: RngState | None = None
-    snapshots: ladder.SnapshotOffer | None = None
 
 
 class _Posts:
@@ -186,8 +185,6 @@ def run_transition(
     if has_state:
         _align(trainer, guard, target, in_flight=broken)
     lap("agree")
-    snapshots = ladder.gather(trainer, decision, launch_rank=launch_rank, node=node, target=target)
-    lap("snapshots")
 
     captured = None
     coords = None
@@ -223,7 +220,6 @@ def run_transition(
         coords=coords,
         objects=captured.objects if captured else None,
         common=captured.common if captured else None,
-        snapshots=snapshots.offer if snapshots else None,
         **own,
     )
     posts.put("state", me, post)
@@ -235,9 +231,6 @@ def run_transition(
         for i, meta in enumerate(p.holdings):
             holdings.append(Holding(r, i, meta.key, meta.box, SourceKind.LIVE, p.node))
             shape_of.setdefault(meta.key, meta.global_shape)
-        for meta in p.snapshots.metas if p.snapshots is not None else ():
-            shape_of.setdefault(meta.key, meta.global_shape)
-    offers = {r: (len(p.holdings), p.snapshots) for r, p in everyone.items()}
     needs: list[Need] = []
     target_views: list[Any] = []
     for r, p in everyone.items():
@@ -248,20 +241,28 @@ def run_transition(
                 if r == me and targets is not None:
                     local = tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, meta.box))
                     target_views.append((j, targets.tensors[j][local]))
-    resume = target
+    resume, filled = target, None
     try:
-        plan = plan_transfer(holdings + ladder.holdings(offers, target), needs, rank_node)
+        plan = plan_transfer(holdings, needs, rank_node)
     except UncoveredError as uncovered:
-        # Some shard has no live copy and no snapshot (e.g. a dead rank without a DP replica): every
-        # process sees the same hole, so all members reload the same older state together: the newest
-        # snapshots that cover everything, else the newest persistent checkpoint.
-        rollback = ladder.plan_rollback(offers, needs, rank_node, below=target)
-        if rollback is None:
+        # Live copies leave a hole (e.g. a dead rank without a DP replica). Every process sees the same hole
+        # and takes the same next rungs: snapshots of this iteration; else every member rolls back to the
+        # newest snapshots that cover everything; else all reload the newest persistent checkpoint.
+        def share(offer: ladder.SnapshotOffer | None) -> dict[int, ladder.SnapshotOffer | None]:
+            posts.put("snapshots", me, offer)
+            return posts.gather("snapshots", list(range(len(live))))
+
+        first = {r: len(p.holdings) for r, p in everyone.items()}
+        filled = ladder.fill_hole(trainer, decision, launch_rank=launch_rank, node=node, target=target,
+                                  live=holdings, needs=needs, rank_node=rank_node, first_index=first,
+                                  share=share)  # fmt: skip
+        if filled is None:
             lap("plan")
             return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))
-        resume, plan = rollback
-        logger.warning("unicron: %s; every member rolls back to the snapshots of iteration %d",
-                       uncovered, resume)  # fmt: skip
+        plan, resume = filled.plan, filled.resume
+        if resume != target:
+            logger.warning("unicron: %s; every member rolls back to the snapshots of iteration %d",
+                           uncovered, resume)  # fmt: skip
     if me == 0 and max(committed.values()) > resume and trainer.snapshots is not None:
         ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, resume)
     lap("plan")
@@ -274,7 +275,7 @@ def run_transition(
     views = [torch.empty(0)] * (len(targets.tensors) if targets else 0)  # placeholders for clipped-out needs
     for j, view in target_views:
         views[j] = view
-    sources = (captured.tensors if captured else []) + (snapshots.tensors if snapshots else [])
+    sources = (captured.tensors if captured else []) + (filled.tensors if filled else [])
     stats = exchange.execute(plan, me, sources, views, channel=channel, timeout=timeout)
     del channel
     lap("transfer")
@@ -284,7 +285,8 @@ def run_transition(
         position = (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank)
         # Live state is of the agreed iteration: on a rollback only snapshots hold the state to resume.
         current = [post] + [p for r, p in everyone.items() if r != me] if resume == target else []
-        from_snapshots = ladder.trainer_state([p.snapshots for p in everyone.values()], resume, position)
+        offers = list(filled.offers.values()) if filled else []
+        from_snapshots = ladder.trainer_state(offers, resume, position)
         objects: dict[tuple[str, tuple[int, ...]], Any] = {}
         for p in current:  # small values (e.g. layers' _extra_state): any holder will do
             for key, value in (p.objects or {}).items():

@@ -14,10 +14,10 @@ from megatron_unicron.snapshot.manifest import Manifest, ShardRecord, read_manif
 
 def manifest(slot: str = "a", sequence: int = 0, iteration: int = 5, generation: int = 0) -> Manifest:
     shard = ShardRecord(key="w", box=((0, 2), (4, 8)), global_shape=(2, 8), dtype="float32", offset=0,
-                        nbytes=32, crc=123)
+                        nbytes=32)
     return Manifest(job="j", node="node0", launch_rank=3, slot=slot, iteration=iteration,
                     generation=generation, sequence=sequence, layout=(2, 2, 1), coords=(1, 1, 0),
-                    data_bytes=64, state_bytes=10, state_crc=7, shards=(shard,), created=1.0)
+                    data_bytes=64, state_bytes=10, state_crc=7, shards=(shard,), crcs=(123,), created=1.0)
 
 
 def test_manifest_round_trips_through_json() -> None:
@@ -33,6 +33,7 @@ def test_manifest_round_trips_through_json() -> None:
         (dict(iteration=-1), ">= 0"),
         (dict(data_bytes=16), "past the data size"),
         (dict(layout=(0, 2, 1)), "layout"),
+        (dict(crcs=()), "checksums"),
     ],
 )
 def test_a_bad_manifest_is_refused(change: dict, problem: str) -> None:
@@ -43,7 +44,7 @@ def test_a_bad_manifest_is_refused(change: dict, problem: str) -> None:
 
 def test_a_shard_record_checks_its_size() -> None:
     with pytest.raises(ValueError, match="do not fit"):
-        ShardRecord(key="w", box=((0, 2),), global_shape=(2,), dtype="float32", offset=0, nbytes=4, crc=0)
+        ShardRecord(key="w", box=((0, 2),), global_shape=(2,), dtype="float32", offset=0, nbytes=4)
 
 
 def test_garbage_is_no_manifest(tmp_path: Path) -> None:

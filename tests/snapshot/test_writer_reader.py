@@ -44,6 +44,17 @@ def test_a_snapshot_reads_back_exactly(tmp_path: Path) -> None:
     assert loaded.state == {"iteration": 7, "note": "hello"}
 
 
+def test_tensors_in_the_trainer_state_round_trip(tmp_path: Path) -> None:
+    metas, tensors = synthetic_shards()
+    state = {"rng": torch.arange(7, dtype=torch.uint8), "step": torch.tensor(3.0),
+             "bf": torch.ones(2, dtype=torch.bfloat16), "strided": torch.arange(12.0).view(3, 4).t()}
+    write(tmp_path, request(1, metas, tensors, **state)).close()
+    loaded = load_newest(tmp_path)
+    assert loaded is not None and loaded.state is not None
+    for key, value in state.items():
+        assert loaded.state[key].dtype == value.dtype and torch.equal(loaded.state[key], value), key
+
+
 def test_the_copy_is_taken_when_submitted_not_later(tmp_path: Path) -> None:
     metas, tensors = synthetic_shards()
     expected = [t.clone() for t in tensors]
