@@ -181,9 +181,11 @@ def gather(trainer: Trainer, decision: Decision, *, launch_rank: int, node: str,
                 extra = {"iteration": manifest.iteration, "position": manifest.position}
                 offer.states.append(dict(loaded.state, **extra))
     if sources.loaded:
+        replicas = sorted({s.manifest.node for s in sources.loaded if s.manifest.node != node})
         logger.info(
-            "unicron: rank %d offers %d snapshot(s) of iteration(s) %s (%d shards, %.1f MB)", launch_rank,
-            len(sources.loaded), sorted({s.manifest.iteration for s in sources.loaded}), len(sources.tensors),
+            "unicron: rank %d offers %d snapshot(s)%s of iteration(s) %s (%d shards, %.1f MB)", launch_rank,
+            len(sources.loaded), f" with replicas from {', '.join(replicas)}" if replicas else "",
+            sorted({s.manifest.iteration for s in sources.loaded}), len(sources.tensors),
             sum(s.nbytes for s in sources.loaded) / 2**20,
         )  # fmt: skip
     return sources
