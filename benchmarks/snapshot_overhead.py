@@ -1,15 +1,17 @@
 """Snapshot overhead on healthy iterations: off, every 10 and every iteration, in the same run.
 
-    PYTHONPATH=. python benchmarks/snapshot_overhead.py [--json] [--rounds 8] [--block 25] [--persists 3]
+    PYTHONPATH=. python benchmarks/snapshot_overhead.py [--json] [--rounds 30] [--block 10] [--persists 3]
 
 Starts the tiny CPU job (``examples/gpt/configs/tiny_gpt.yaml``: TP2 PP2 on 4 gloo ranks, step guard on
 as with ``--unicron``) through ``unicron-run`` and times ``Trainer.train_step`` in blocks of ``--block``
 iterations with snapshots off, every 10 (N = 10) and every iteration (N = 1), the three modes
 interleaved, their order rotated every round, ``--rounds`` times. Snapshots go to shared memory
 (``/dev/shm``). Per mode: the mean and median iteration time (slowest rank of each iteration), the
-overhead against "off" of the same run, the time the training thread spends handing a snapshot over
-(after the commit), the stall before the optimizer step waiting for the copy, and the background copy
-time. Then ``--persists`` times each: a synchronous ``checkpoint.save`` and the asynchronous persist of
+overhead against "off" (paired: the median over rounds of each round's block mean against the same
+round's "off" block, which cancels the drift of a shared machine's load; and unpaired, from the
+overall means and medians), the time the training thread spends handing a snapshot over (after the
+commit), the stall before the optimizer step waiting for the copy, and the background copy time.
+Then ``--persists`` times each: a synchronous ``checkpoint.save`` and the asynchronous persist of
 the snapshots (its stall: planning + finalising, plus what the iterations it overlapped lost).
 """
 
@@ -117,12 +119,19 @@ def summarise(per_rank: list[dict[str, Any]], args: argparse.Namespace) -> dict[
     """Per mode: iteration times (slowest rank per iteration), overheads and snapshot costs."""
     out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "persists": args.persists, "modes": {}}
     iterations = args.rounds * args.block
+    slowest = {name: [max(r["rows"][name]["iter"][i] for r in per_rank) for i in range(iterations)]
+               for name, _ in MODES}  # fmt: skip
+    block_means = {name: [statistics.fmean(times[k * args.block : (k + 1) * args.block])
+                          for k in range(args.rounds)] for name, times in slowest.items()}  # fmt: skip
     for name, interval in MODES:
-        times = [max(r["rows"][name]["iter"][i] for r in per_rank) for i in range(iterations)]
+        times = slowest[name]
         per_iter = {k: max(sum(r["rows"][name][k]) for r in per_rank) / iterations * 1e3
                     for k in ("hook", "stall", "copy")}  # fmt: skip
         out["modes"][name] = {
             "interval": interval,
+            "overhead_paired_pct": statistics.median(
+                (mode / off - 1) * 100 for mode, off in zip(block_means[name], block_means["off"])
+            ),
             "iter_mean_ms": statistics.fmean(times) * 1e3,
             "iter_median_ms": statistics.median(times) * 1e3,
             "handover_ms_per_iter": per_iter["hook"],
@@ -148,14 +157,15 @@ def summarise(per_rank: list[dict[str, Any]], args: argparse.Namespace) -> dict[
 def table(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table."""
     lines = [
-        "| mode | mean iteration | median iteration | overhead (mean / median) | hand-over + stall on the "
-        "training thread | background copy |",
+        "| mode | mean iteration | median iteration | overhead: paired (mean / median) | hand-over + stall "
+        "on the training thread | background copy |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in summary["modes"].items():
         lines.append(
             f"| {name} | {m['iter_mean_ms']:.1f} ms | {m['iter_median_ms']:.1f} ms | "
-            f"{m['overhead_mean_pct']:+.1f} % / {m['overhead_median_pct']:+.1f} % | "
+            f"{m['overhead_paired_pct']:+.1f} % "
+            f"({m['overhead_mean_pct']:+.1f} % / {m['overhead_median_pct']:+.1f} %) | "
             f"{m['training_thread_ms_per_iter']:.2f} ms/iter ({m['training_thread_pct']:.2f} %) | "
             f"{m['background_copy_ms_per_iter']:.2f} ms/iter |"
         )
@@ -176,8 +186,8 @@ def main() -> int:
     """Parse flags; run the workers through the launcher (or be one of them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--rounds", type=int, default=8, help="rounds of the three modes (default 8)")
-    parser.add_argument("--block", type=int, default=25, help="iterations per mode and round (default 25)")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds of the three modes (default 30)")
+    parser.add_argument("--block", type=int, default=10, help="iterations per mode and round (default 10)")
     parser.add_argument("--warmup", type=int, default=10, help="iterations before timing (default 10)")
     parser.add_argument("--persists", type=int, default=3, help="saves of each kind (default 3)")
     parser.add_argument("--nproc", type=int, default=4, help="ranks (default 4: TP2 PP2)")
