@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from megatron_unicron.node_group import AgentError, NodeGroup
+from megatron_unicron.snapshot.node_store import NodeSnapshots
 from megatron_unicron.store import JobKeys, Store, StoreError
 from megatron_unicron.workers import WorkerExit, WorkerProcess, stop_workers
 
@@ -247,6 +248,8 @@ class NodeAgent:
         self._owner: threading.Thread | None = None
         self._error_dir = ""
         self._spawns = 0
+        self.snapshots: NodeSnapshots | None = None
+        """The node's in-memory snapshots (``--unicron``): they outlive worker crashes."""
 
     # ------------------------------------------------------------------ API for policies and callers
 
@@ -293,7 +296,12 @@ class NodeAgent:
         self._owner = threading.current_thread()
         self._error_dir = tempfile.mkdtemp(prefix=f"unicron_{cfg.job}_{cfg.node}_")
         result: AgentResult | None = None
+        if cfg.mode == "unicron":
+            self.snapshots = NodeSnapshots(job=cfg.job, node_rank=cfg.node_rank, nnodes=cfg.nnodes,
+                                           store=self.store, master_addr=cfg.master_addr)  # fmt: skip
         try:
+            if self.snapshots is not None:
+                self.snapshots.start()
             self.group.register({"nnodes": cfg.nnodes, "nproc_per_node": cfg.nproc_per_node,
                                  "max_restarts": cfg.max_restarts, "mode": cfg.mode})
             while result is None:
@@ -309,6 +317,8 @@ class NodeAgent:
         finally:
             stop_workers(list(self._workers.values()), cfg.shutdown_timeout_s)
             shutil.rmtree(self._error_dir, ignore_errors=True)
+            if self.snapshots is not None:  # the job ended for this node: no worker needs them any more
+                self.snapshots.close()
         self.group.leave(result.outcome.value, cfg.shutdown_timeout_s)
         log.debug("left the job: %s", result.outcome.value)
         return result
@@ -402,6 +412,7 @@ class NodeAgent:
         os.makedirs(error_dir, exist_ok=True)
         error_file = os.path.join(error_dir, "error.json")
         env = self.config.worker_env(local_rank, self.attempt, error_file)
+        env.update(self.snapshots.worker_env() if self.snapshots is not None else {})
         env.update(extra_env)
         try:
             worker = WorkerProcess(

@@ -93,10 +93,11 @@ class UnicronConfig:
     """Inject fault KIND on RANK at iteration ITER, optionally in PHASE (tests and demos)."""
 
     snapshot_interval: int = 0
-    """Take an in-memory snapshot of the training state every N iterations (0: never)."""
+    """Copy the training state to node-local shared memory every N iterations, in the background
+    (0: never; needs --unicron, not yet with --use-distributed-optimizer)."""
 
     persist_interval: int = 0
-    """Write a persistent checkpoint every N iterations (0: never)."""
+    """Also write every M-th snapshot as a torch_dist checkpoint to --save, in the background (0: never)."""
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 

@@ -154,6 +154,7 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
     from megatron_unicron.healing import Healer, JobStopped, TrainingDone
     from megatron_unicron.megatron import cpu
     from megatron_unicron.protocol import JobChannel
+    from megatron_unicron.snapshot.service import start_service as start_snapshots
     from megatron_unicron.store import JobKeys
 
     cpu.apply()
@@ -161,8 +162,11 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
     # the collections that free a generation's groups (on every change of layout) stay fast.
     gc.freeze()
     healer = None
+    snapshots = None
     try:
         trainer = Trainer(args, forward_step_func, env)
+        node = os.environ.get("UNICRON_NODE", "node0")
+        snapshots = start_snapshots(trainer, launch_rank=env.rank, node=node)
         channel = JobChannel(trainer.store, JobKeys(env.job)) if args.unicron.enabled else None
         injector = _injector(args, env, trainer, channel)
         if channel is not None:
@@ -190,6 +194,8 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     finally:
+        if snapshots is not None:
+            snapshots.close()
         if healer is not None:
             healer.close()
     leaks.write_report_if_requested("end")

@@ -32,6 +32,7 @@ from megatron_unicron.store import TCPStoreBackend, connect_store
 
 if TYPE_CHECKING:
     from megatron_unicron.megatron.args import MegatronArgs
+    from megatron_unicron.snapshot.service import SnapshotService
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class Trainer:
         # and after an iteration committed (the step returned and progress advanced).
         self.before_step_hooks: list[Callable[[], None]] = []
         self.after_commit_hooks: list[Callable[[], None]] = []
+        self.snapshots: SnapshotService | None = None  # in-memory snapshots, set by their service
 
     def vocab_size_for(self, tp: int) -> int:
         """Megatron-LM's padded vocabulary for a TP degree (the padding depends on TP)."""

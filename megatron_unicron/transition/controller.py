@@ -33,6 +33,7 @@ from megatron_unicron.events import Decision
 from megatron_unicron.megatron import distopt_state
 from megatron_unicron.megatron import state as mstate
 from megatron_unicron.megatron.guard import RngState, restore_scheduler
+from megatron_unicron.snapshot import ladder
 from megatron_unicron.store import Store
 from megatron_unicron.transition import exchange
 from megatron_unicron.transition.flat_plan import FlatHolding, FlatNeed, plan_flat
@@ -136,6 +137,10 @@ def _from_checkpoint(
 ) -> TransitionReport:
     from megatron_unicron.megatron import checkpoint
 
+    if trainer.snapshots is not None and decision.live and decision.live[0] == trainer.env.rank:
+        target = checkpoint.read_tracker(trainer.args.save) if trainer.args.save else None
+        if target is not None:  # every later snapshot is of an abandoned past
+            ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, target)
     save = trainer.args.save
     if not save or checkpoint.read_tracker(save) is None:
         raise RuntimeError(f"state lost and no checkpoint to fall back to ({why}); configure --save")
@@ -202,9 +207,13 @@ def _global_shapes(everyone: dict[int, _Post]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _plan(everyone: dict[int, _Post]) -> list[Any]:
-    """The pieces of the transition: boxes (model, plain optimizer), then flat ranges (DistOpt state)."""
-    rank_node = {r: p.node for r, p in everyone.items()}
+def _plan_inputs(
+    everyone: dict[int, _Post],
+) -> tuple[list[Holding], list[Need], list[FlatHolding], list[FlatNeed]]:
+    """Every process's holdings and needs: boxes (model, plain optimizer), flat ranges (DistOpt state).
+
+    A process's flat holdings are numbered after its boxes, the order of its ``sources`` list.
+    """
     shape_of = _global_shapes(everyone)
     holdings, needs, flat_holdings, flat_needs = [], [], [], []
     for r, p in everyone.items():
@@ -220,38 +229,47 @@ def _plan(everyone: dict[int, _Post]) -> list[Any]:
                 needs.append(Need(r, j, meta.key, box))
         for j, flat in enumerate(p.flat_needs):
             flat_needs.append(FlatNeed(r, len(p.needs) + j, flat.key, flat.box, flat.flat))
-    pieces: list[Any] = list(plan_transfer(holdings, needs, rank_node).pieces)
-    pieces.extend(plan_flat(flat_holdings, flat_needs, rank_node))
-    return pieces
+    return holdings, needs, flat_holdings, flat_needs
 
 
-def _load(trainer: Trainer, post: _Post, everyone: dict[int, _Post], targets: mstate.Targets) -> None:
-    """Load what arrived, and the trainer-level state (schedule, data position, RNG of the position)."""
+def _load(
+    trainer: Trainer, current: list[_Post], targets: mstate.Targets, filled: ladder.Filled | None
+) -> None:
+    """Load what arrived, and the trainer-level state (schedule, data position, RNG of the position).
+
+    ``current``: the posts of the processes holding the resumed iteration's state, this process's first
+    (empty on a snapshot rollback); what they lack comes from the snapshots ``filled`` read.
+    """
     assert trainer.generation is not None
     bundle = trainer.generation.bundle
-    objects: dict[tuple[str, tuple[int, ...]], Any] = {}
-    for p in everyone.values():  # small values (e.g. layers' _extra_state): any holder will do
-        for key, value in (p.objects or {}).items():
-            objects.setdefault(key, value)
-    donor = post if post.common is not None else next(p for p in everyone.values() if p.common is not None)
-    assert donor.common is not None
-    mstate.load_targets(bundle, targets, objects, donor.common)
-    if distopt_state.uses_distributed_optimizer(bundle):
-        step = next(p.adam_step for p in everyone.values() if p.adam_step is not None)
-        distopt_state.set_adam_step(bundle, step)
-    state_donor = post if post.scheduler is not None else donor
-    assert state_donor.scheduler is not None and state_donor.progress is not None
-    restore_scheduler(bundle.scheduler, state_donor.scheduler)
-    for name, value in state_donor.progress.items():
-        setattr(trainer.progress, name, value)
     new = trainer.generation.coords
     position = (new.tp_size, new.pp_size, new.tp_rank, new.pp_rank)
-    candidates = ([post] if post.coords == position else []) + [
-        p for p in everyone.values() if p.coords == position
-    ]
-    for candidate in candidates:
-        if candidate.rng is not None:
-            candidate.rng.restore()
+    offers = list(filled.offers.values()) if filled else []
+    snap = ladder.trainer_state(offers, filled.resume, position) if filled else None
+    objects: dict[tuple[str, tuple[int, ...]], Any] = {}
+    for p in current:  # small values (e.g. layers' _extra_state): any holder will do
+        for key, value in (p.objects or {}).items():
+            objects.setdefault(key, value)
+    for key, value in (snap.objects if snap else {}).items():
+        objects.setdefault(key, value)
+    donor = next((p for p in current if p.common is not None and p.scheduler is not None), None)
+    if donor is not None:
+        assert donor.common is not None and donor.scheduler is not None and donor.progress is not None
+        common, scheduler, progress = donor.common, donor.scheduler, donor.progress
+    else:
+        assert snap is not None, "neither a live process nor a snapshot holds the trainer state"
+        common, scheduler, progress = snap.common, snap.scheduler, snap.progress
+    mstate.load_targets(bundle, targets, objects, common)
+    if distopt_state.uses_distributed_optimizer(bundle):
+        step = next(p.adam_step for p in current if p.adam_step is not None)
+        distopt_state.set_adam_step(bundle, step)
+    restore_scheduler(bundle.scheduler, scheduler)
+    for name, value in progress.items():
+        setattr(trainer.progress, name, value)
+    same_position = [p.rng for p in current if p.coords == position]
+    for rng in [*same_position, snap.rng if snap else None]:
+        if rng is not None:
+            rng.restore()
             break
 
 
@@ -275,6 +293,7 @@ def run_transition(
         seconds[name] = now - clock
         clock = now
 
+    ladder.quiesce(trainer)
     live = list(decision.live)
     me = live.index(launch_rank)
     posts = _Posts(trainer.store, f"/unicron/{trainer.env.job}/transition/gen{decision.generation}", timeout)
@@ -286,13 +305,13 @@ def run_transition(
         _align(trainer, guard, target, in_flight=broken)
     lap("agree")
 
-    captured, flat_holdings, adam_step, coords, own = _capture(trainer, guard, broken)
+    captured, flat_holdings_local, adam_step, coords, own = _capture(trainer, guard, broken)
     lap("capture")
     trainer.leave_generation(broken=broken)
     lap("leave")
 
     new_rank = decision.new_rank(launch_rank)
-    targets, flat_needs = None, None
+    targets, flat_needs_local = None, None
     if new_rank is not None:
         layout = decision.layout
         trainer.start_generation(decision.generation, new_rank, len(decision.members), layout.tp, layout.pp)
@@ -303,7 +322,7 @@ def run_transition(
         distopt = distopt_state.uses_distributed_optimizer(bundle)
         targets = mstate.prepare_targets(bundle, trainer.args, optimizer=not distopt)
         if distopt:  # the new optimizer's (zero) state tensors are filled in place
-            flat_needs = distopt_state.optimizer_shards(bundle, trainer.args)
+            flat_needs_local = distopt_state.optimizer_shards(bundle, trainer.args)
     lap("targets")
 
     post = _Post(
@@ -314,22 +333,42 @@ def run_transition(
         coords=coords,
         objects=captured.objects if captured else None,
         common=captured.common if captured else None,
-        flat_holdings=flat_holdings[0] if flat_holdings else [],
-        flat_needs=flat_needs[0] if flat_needs else [],
+        flat_holdings=flat_holdings_local[0] if flat_holdings_local else [],
+        flat_needs=flat_needs_local[0] if flat_needs_local else [],
         adam_step=adam_step,
         **own,
     )
     posts.put("state", me, post)
     everyone: dict[int, _Post] = posts.gather("state", list(range(len(live))))
-    sources = (captured.tensors if captured else []) + (flat_holdings[1] if flat_holdings else [])
-    views = _target_views(everyone, me, targets, flat_needs)
+    rank_node = {r: p.node for r, p in everyone.items()}
+    holdings, needs, flat_holdings, flat_needs = _plan_inputs(everyone)
+    resume, filled = target, None
     try:
-        pieces = _plan(everyone)
+        pieces: list[Any] = list(plan_transfer(holdings, needs, rank_node).pieces)
+        pieces.extend(plan_flat(flat_holdings, flat_needs, rank_node))
     except UncoveredError as uncovered:
-        # Some shard has no live copy (e.g. a dead rank without a DP replica): every process sees the same
-        # hole, so all members reload the newest persistent checkpoint together (state stays consistent).
-        lap("plan")
-        return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))
+        # Live copies leave a hole (e.g. a dead rank without a DP replica). Every process sees the same hole
+        # and takes the same next rungs: snapshots of this iteration; else every member rolls back to the
+        # newest snapshots that cover everything; else all reload the newest persistent checkpoint.
+        # Snapshots do not hold DistributedOptimizer shards (snapshot.service refuses that combination).
+        def share(offer: ladder.SnapshotOffer | None) -> dict[int, ladder.SnapshotOffer | None]:
+            posts.put("snapshots", me, offer)
+            return posts.gather("snapshots", list(range(len(live))))
+
+        first = {r: len(p.holdings) + len(p.flat_holdings) for r, p in everyone.items()}
+        if not flat_needs:
+            filled = ladder.fill_hole(trainer, decision, launch_rank=launch_rank, node=node, target=target,
+                                      live=holdings, needs=needs, rank_node=rank_node, first_index=first,
+                                      share=share)  # fmt: skip
+        if filled is None:
+            lap("plan")
+            return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))
+        pieces, resume = list(filled.plan.pieces), filled.resume
+        if resume != target:
+            logger.warning("unicron: %s; every member rolls back to the snapshots of iteration %d",
+                           uncovered, resume)  # fmt: skip
+    if me == 0 and max(committed.values()) > resume and trainer.snapshots is not None:
+        ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, resume)
     lap("plan")
 
     channel: Any = None
@@ -337,12 +376,18 @@ def run_transition(
         channel = dist.ProcessGroupGloo(
             dist.PrefixStore(f"{posts.prefix}/channel", trainer.store.c10d_store), me, len(live), timeout
         )
+    views = _target_views(everyone, me, targets, flat_needs_local)
+    sources = [*(captured.tensors if captured else []),
+               *(flat_holdings_local[1] if flat_holdings_local else []),
+               *(filled.tensors if filled else [])]  # fmt: skip
     stats = exchange.execute(pieces, me, sources, views, channel=channel, timeout=timeout)
     del channel
     lap("transfer")
 
     if targets is not None and trainer.generation is not None:
-        _load(trainer, post, everyone, targets)
+        # Live state is of the agreed iteration: on a rollback only snapshots hold the state to resume.
+        current = [post] + [p for r, p in everyone.items() if r != me] if resume == target else []
+        _load(trainer, current, targets, filled)
     lap("load")
 
     element_bytes = {id(p): views[p.dst_index].element_size() for p in pieces if p.dst_rank == me}
@@ -354,7 +399,7 @@ def run_transition(
         generation=decision.generation,
         layout=str(decision.layout),
         member=new_rank is not None,
-        resume_iteration=target,
+        resume_iteration=resume,
         seconds=seconds,
         bytes_moved=stats.received_bytes,
         bytes_needed=needed,

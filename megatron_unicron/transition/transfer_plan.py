@@ -234,7 +234,9 @@ def plan_transfer(
                     f"no surviving copy of {need.key} cell {cell} needed by rank {need.rank}: "
                     "every holder is lost (add a snapshot or checkpoint)"
                 )
-            holding, _, tier = min(covering, key=lambda c: (c[2], assigned[c[0].rank], c[0].rank, c[0].index))
+            # Equally near: the destination's own copy (e.g. its own snapshot) first, then the least loaded.
+            holding, _, tier = min(covering, key=lambda c: (c[2], c[0].rank != need.rank, assigned[c[0].rank],
+                                                            c[0].rank, c[0].index))  # fmt: skip
             if holding.rank != need.rank:
                 assigned[holding.rank] += box_numel(cell) * weight
             chosen.append((cell, (holding, tier)))

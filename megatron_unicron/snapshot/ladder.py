@@ -1,0 +1,260 @@
+"""The snapshot rungs of a transition's ladder of sources.
+
+When the live copies leave a hole in the new layout (every process sees the same hole), each live process
+reads the snapshots it serves (both slots of each directory, iterations up to the agreed one), verifies
+them (CRC32 per shard: a corrupt shard is not offered, so the next rung serves it) and offers them to
+the others (:func:`fill_hole`):
+
+* its own snapshots;
+* the snapshots of its node's ranks that are not live any more, and the replicas its node received from
+  a peer node, when it is the lowest live rank of its node (one server per directory).
+
+The planner (``transition.transfer_plan``) ranks snapshots of the agreed iteration after every live
+copy: a snapshot on the destination's node, then one on another node (a replica, or a node-mate's
+snapshot served remotely). When live copies and those snapshots leave a hole (e.g. a worker died while
+copying its newest snapshot), every member rolls back to the newest older iteration whose snapshots
+alone cover the new layout (:func:`plan_rollback`), before falling back to the persistent checkpoint.
+The trainer-level state in a snapshot (progress, LR schedule, common optimizer state, small objects,
+RNG per (TP, PP) position) stands in when no live process can give it, and always on a rollback.
+
+Snapshots from an abandoned past are never mixed in: whenever a transition resumes at an iteration below
+what some process had committed, the rollback is recorded in the store, and a snapshot written in an
+earlier generation beyond a later rollback's iteration is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from megatron_unicron.megatron.state import ShardMeta
+from megatron_unicron.snapshot.layout import SlotDirectory, rank_dirs, replica_dirs
+from megatron_unicron.snapshot.manifest import Manifest
+from megatron_unicron.snapshot.reader import LoadedSnapshot, load_slot
+from megatron_unicron.transition.transfer_plan import (
+    Holding,
+    Need,
+    SourceKind,
+    TransferPlan,
+    UncoveredError,
+    plan_transfer,
+)
+
+if TYPE_CHECKING:
+    from megatron_unicron.events import Decision
+    from megatron_unicron.megatron.train import Trainer
+    from megatron_unicron.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SnapshotOffer:
+    """What one process offers from snapshots (sent to every other process before planning)."""
+
+    metas: list[ShardMeta] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    """The node whose memory holds each shard (the serving process's node)."""
+    iterations: list[int] = field(default_factory=list)
+    """The iteration of the snapshot each shard comes from."""
+    states: list[dict[str, Any]] = field(default_factory=list)
+    """Trainer-level state of each snapshot, plus ``"iteration"`` and ``"position"`` =
+    (tp_size, pp_size, tp_rank, pp_rank)."""
+
+    def holdings(self, rank: int, first_index: int, iteration: int) -> list[Holding]:
+        """The shards of ``iteration`` as holdings of process ``rank``, indexed after its live holdings."""
+        return [
+            Holding(rank, first_index + i, meta.key, meta.box, SourceKind.SNAPSHOT, node)
+            for i, (meta, node, it) in enumerate(zip(self.metas, self.nodes, self.iterations))
+            if it == iteration
+        ]
+
+
+Offers = Mapping[int, tuple[int, "SnapshotOffer | None"]]
+"""Every process's offer by its transition rank, with the index its snapshot holdings start at."""
+
+
+def holdings(offers: Offers, iteration: int) -> list[Holding]:
+    """Every offered snapshot shard of ``iteration``."""
+    return [h for rank, (first, offer) in offers.items() if offer is not None
+            for h in offer.holdings(rank, first, iteration)]  # fmt: skip
+
+
+def plan_rollback(
+    offers: Offers, needs: Sequence[Need], rank_node: Mapping[int, str], *, below: int
+) -> tuple[int, TransferPlan] | None:
+    """The newest iteration before ``below`` whose snapshots alone cover ``needs``, with its plan."""
+    iterations = {it for _, offer in offers.values() if offer is not None for it in offer.iterations}
+    for iteration in sorted((it for it in iterations if it < below), reverse=True):
+        try:
+            return iteration, plan_transfer(holdings(offers, iteration), needs, rank_node)
+        except UncoveredError:
+            continue
+    return None
+
+
+@dataclass
+class SnapshotSources:
+    """This process's offer and the verified tensors behind it (its sources after its live ones)."""
+
+    offer: SnapshotOffer
+    tensors: list[torch.Tensor]
+    loaded: list[LoadedSnapshot]
+
+
+def quiesce(trainer: Trainer) -> None:
+    """Before a transition changes any state: let the snapshot copy in flight finish."""
+    if trainer.snapshots is not None:
+        trainer.snapshots.quiesce()
+
+
+def _rollbacks_key(job: str) -> str:
+    return f"unicron/{job}/snapshot/rollbacks"
+
+
+def record_rollback(store: Store, job: str, generation: int, iteration: int) -> None:
+    """Generation ``generation`` resumed at ``iteration``, below what some process had committed."""
+    store.append(_rollbacks_key(job), json.dumps({"generation": generation, "iteration": iteration}) + "\n")
+
+
+def _rollbacks(store: Store, job: str) -> list[tuple[int, int]]:
+    raw = store.try_get(_rollbacks_key(job)) or b""
+    out = []
+    for line in raw.decode().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out.append((int(record["generation"]), int(record["iteration"])))
+    return out
+
+
+def is_current(manifest: Manifest, rollbacks: list[tuple[int, int]]) -> bool:
+    """False for a snapshot of a past that a later rollback abandoned."""
+    return not any(generation > manifest.generation and manifest.iteration > iteration
+                   for generation, iteration in rollbacks)  # fmt: skip
+
+
+def served_directories(
+    node_directory: Path, decision: Decision, *, launch_rank: int, node: str
+) -> list[Path]:
+    """The rank directories this process serves in a transition (see the module docstring)."""
+    live = set(decision.live)
+    on_node = sorted(r for r in live if decision.rank_node.get(r, node if r == launch_rank else "") == node)
+    first_on_node = not on_node or on_node[0] == launch_rank
+    served = []
+    for rank, path in sorted(rank_dirs(node_directory).items()):
+        if rank == launch_rank or (rank not in live and first_on_node):
+            served.append(path)
+    if first_on_node:
+        served += [path for _, path in sorted(replica_dirs(node_directory).items())]
+    return served
+
+
+def gather(trainer: Trainer, decision: Decision, *, launch_rank: int, node: str, target: int
+           ) -> SnapshotSources | None:  # fmt: skip
+    """Read and verify the snapshots up to iteration ``target`` this process serves (None: snapshots off)."""
+    service = trainer.snapshots
+    if service is None:
+        return None
+    rollbacks = _rollbacks(trainer.store, trainer.env.job)
+    sources = SnapshotSources(offer=SnapshotOffer(), tensors=[], loaded=[])
+    offer = sources.offer
+    for path in served_directories(service.node_directory, decision, launch_rank=launch_rank, node=node):
+        directory = SlotDirectory(path)
+        for manifest in directory.manifests():
+            if manifest.iteration > target or not is_current(manifest, rollbacks):
+                continue
+            loaded = load_slot(directory, manifest)
+            if loaded is None:
+                continue
+            sources.loaded.append(loaded)
+            sources.tensors += loaded.tensors
+            offer.metas += loaded.metas
+            offer.nodes += [node] * len(loaded.metas)
+            offer.iterations += [manifest.iteration] * len(loaded.metas)
+            if loaded.state is not None:
+                extra = {"iteration": manifest.iteration, "position": manifest.position}
+                offer.states.append(dict(loaded.state, **extra))
+    if sources.loaded:
+        replicas = sorted({s.manifest.node for s in sources.loaded if s.manifest.node != node})
+        logger.info(
+            "unicron: rank %d offers %d snapshot(s)%s of iteration(s) %s (%d shards, %.1f MB)", launch_rank,
+            len(sources.loaded), f" with replicas from {', '.join(replicas)}" if replicas else "",
+            sorted({s.manifest.iteration for s in sources.loaded}), len(sources.tensors),
+            sum(s.nbytes for s in sources.loaded) / 2**20,
+        )  # fmt: skip
+    return sources
+
+
+Share = Callable[["SnapshotOffer | None"], Mapping[int, "SnapshotOffer | None"]]
+"""Posts this process's offer to the others and returns everyone's, by transition rank (collective)."""
+
+
+@dataclass
+class Filled:
+    """A plan that needed snapshots, and what the exchange and the load need from them."""
+
+    plan: TransferPlan
+    resume: int
+    """The agreed iteration, or the older one every member rolls back to."""
+    offers: dict[int, SnapshotOffer | None]
+    tensors: list[torch.Tensor]
+    """This process's snapshot sources (indexed after its live holdings)."""
+
+
+def fill_hole(
+    trainer: Trainer, decision: Decision, *, launch_rank: int, node: str, target: int,
+    live: Sequence[Holding], needs: Sequence[Need], rank_node: Mapping[int, str],
+    first_index: Mapping[int, int], share: Share,
+) -> Filled | None:
+    """Plan with the snapshots after the live copies left a hole; None when they do not cover it either.
+
+    Every live process calls it (``share`` posts this process's offer and returns everyone's, by
+    transition rank); ``first_index`` is each process's number of live holdings.
+    """
+    if trainer.snapshots is None:  # the same on every process: snapshots are a job-wide setting
+        return None
+    sources = gather(trainer, decision, launch_rank=launch_rank, node=node, target=target)
+    offers = dict(share(sources.offer if sources is not None else None))
+    indexed = {r: (first_index[r], offer) for r, offer in offers.items()}
+    tensors = sources.tensors if sources is not None else []
+    try:
+        plan = plan_transfer([*live, *holdings(indexed, target)], needs, rank_node)
+        return Filled(plan, target, offers, tensors)
+    except UncoveredError:
+        rollback = plan_rollback(indexed, needs, rank_node, below=target)
+    return Filled(rollback[1], rollback[0], offers, tensors) if rollback is not None else None
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """The trainer-level state of one iteration, from snapshots."""
+
+    progress: dict[str, Any]
+    scheduler: dict[str, Any]
+    common: dict[str, Any]
+    objects: dict[Any, Any]
+    rng: Any
+    """The RNG of a snapshot written at the same (TP, PP) position, or None."""
+
+
+def trainer_state(
+    offers: Sequence[SnapshotOffer | None], iteration: int, position: tuple[int, int, int, int]
+) -> TrainerState | None:
+    """Progress, LR schedule, common optimizer state, objects (merged) and RNG of ``iteration``."""
+    states = [s for offer in offers if offer is not None for s in offer.states if s["iteration"] == iteration]
+    if not states:
+        return None
+    objects: dict[Any, Any] = {}
+    for state in states:
+        for key, value in state["objects"].items():
+            objects.setdefault(key, value)
+    rng = next((s["rng"] for s in states if tuple(s["position"]) == position), None)
+    first = states[0]
+    return TrainerState(progress=first["progress"], scheduler=first["scheduler"], common=first["common"],
+                        objects=objects, rng=rng)  # fmt: skip
