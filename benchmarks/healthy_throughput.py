@@ -9,6 +9,10 @@ baseline writes it); the first ``--warmup`` iterations are skipped and the media
 the run's figure. The pair runs ``--rounds`` times, alternating which of the two goes first, and
 the table gives the median over rounds. Target: pretrain_gpt.py within 2 % of the baseline.
 
+Because the 2 cores are shared, each run also reports the CPU seconds its processes used per
+steady-state iteration (sampled from ``/proc``): wall-clock time grows with other load on the
+machine, CPU time per iteration much less.
+
     PYTHONPATH=. python benchmarks/healthy_throughput.py [--rounds 3] [--iters 60] [--json]
 """
 
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import REPO, launch, load_average, markdown_table, steady_seconds
+from common import REPO, JobRun, launch, load_average, markdown_table, steady_cpu_seconds, steady_seconds
 
 CONFIG = "examples/gpt/configs/tiny_gpt.yaml"
 LAYOUTS = ("TP1PP1", "TP2PP1", "TP1PP2", "TP2PP2", "TP1PP4", "TP4PP1")
@@ -62,8 +66,8 @@ def job_shape(config: dict[str, Any], tp: int) -> list[str]:
     return [str(x) for item in values.items() for x in item]
 
 
-def run_pretrain(tp: int, pp: int, iters: int) -> list[float]:
-    """End times of pretrain_gpt.py's iterations, from its Megatron log lines."""
+def run_pretrain(tp: int, pp: int, iters: int) -> tuple[JobRun, list[float]]:
+    """The run and the end times of pretrain_gpt.py's iterations, from its Megatron log lines."""
     done = launch(
         ["examples/gpt/pretrain_gpt.py", "--yaml-cfg", CONFIG, "--tensor-model-parallel-size", str(tp),
          "--pipeline-model-parallel-size", str(pp), "--train-iters", str(iters), "--log-interval", "1"],
@@ -74,19 +78,19 @@ def run_pretrain(tp: int, pp: int, iters: int) -> list[float]:
     if len(times) != iters:
         tail = done.stdout[-2000:]
         raise RuntimeError(f"pretrain_gpt.py logged {len(times)} of {iters} iterations:\n{tail}")
-    return times
+    return done, times
 
 
-def run_baseline(tp: int, pp: int, iters: int, config: dict[str, Any]) -> list[float]:
-    """End times of the plain loop's iterations."""
+def run_baseline(tp: int, pp: int, iters: int, config: dict[str, Any]) -> tuple[JobRun, list[float]]:
+    """The run and the end times of the plain loop's iterations."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "times.jsonl"
-        launch(
+        done = launch(
             ["benchmarks/plain_mcore_loop.py", "--tp", str(tp), "--pp", str(pp), "--iters", str(iters),
              "--out", str(out), *job_shape(config, tp)],
             NPROC,
         )  # fmt: skip
-        return [json.loads(line)["t"] for line in out.read_text().splitlines()]
+        return done, [json.loads(line)["t"] for line in out.read_text().splitlines()]
 
 
 def main() -> int:
@@ -101,45 +105,53 @@ def main() -> int:
     config = yaml.safe_load((REPO / CONFIG).read_text())
     tokens = config["global_batch_size"] * config["seq_length"]
     load_before = load_average()
-    seconds: dict[tuple[int, int], dict[str, list[float]]] = {
-        layout: {"pretrain": [], "baseline": []} for layout in layouts
-    }
+    wall: dict[tuple[int, int], dict[str, list[float]]] = {lay: {"ours": [], "base": []} for lay in layouts}
+    cpu: dict[tuple[int, int], dict[str, list[float]]] = {lay: {"ours": [], "base": []} for lay in layouts}
     for r in range(args.rounds):
         for i, (tp, pp) in enumerate(layouts):
-            order = ["pretrain", "baseline"] if (r + i) % 2 == 0 else ["baseline", "pretrain"]
+            order = ["ours", "base"] if (r + i) % 2 == 0 else ["base", "ours"]
             for which in order:
-                times = run_pretrain(tp, pp, args.iters) if which == "pretrain" else run_baseline(
-                    tp, pp, args.iters, config
-                )
-                seconds[(tp, pp)][which].append(steady_seconds(times, args.warmup))
-                print(f"round {r + 1} TP{tp}PP{pp} {which}: {seconds[(tp, pp)][which][-1] * 1000:.1f} ms/it",
+                if which == "ours":
+                    run, times = run_pretrain(tp, pp, args.iters)
+                else:
+                    run, times = run_baseline(tp, pp, args.iters, config)
+                wall[(tp, pp)][which].append(steady_seconds(times, args.warmup))
+                cpu[(tp, pp)][which].append(steady_cpu_seconds(run, times, args.warmup))
+                print(f"round {r + 1} TP{tp}PP{pp} {'pretrain_gpt' if which == 'ours' else 'baseline'}: "
+                      f"{wall[(tp, pp)][which][-1] * 1000:.1f} ms/it, "
+                      f"CPU {cpu[(tp, pp)][which][-1] * 1000:.1f} ms/it; load {load_average()}",
                       file=sys.stderr, flush=True)  # fmt: skip
     results = []
-    for (tp, pp), runs in seconds.items():
-        ours, base = statistics.median(runs["pretrain"]), statistics.median(runs["baseline"])
+    for tp, pp in layouts:
+        ours, base = (statistics.median(wall[(tp, pp)][w]) for w in ("ours", "base"))
+        cpu_ours, cpu_base = (statistics.median(cpu[(tp, pp)][w]) for w in ("ours", "base"))
         results.append({
             "layout": f"TP{tp}PP{pp}DP{NPROC // (tp * pp)}",
             "pretrain_gpt_it_s": 1 / ours, "pretrain_gpt_tokens_s": tokens / ours,
             "baseline_it_s": 1 / base, "baseline_tokens_s": tokens / base, "ratio": base / ours,
-            "pretrain_gpt_ms_rounds": [s * 1000 for s in runs["pretrain"]],
-            "baseline_ms_rounds": [s * 1000 for s in runs["baseline"]],
+            "pretrain_gpt_cpu_ms": cpu_ours * 1000, "baseline_cpu_ms": cpu_base * 1000,
+            "cpu_ratio": cpu_base / cpu_ours,
+            "pretrain_gpt_ms_rounds": [s * 1000 for s in wall[(tp, pp)]["ours"]],
+            "baseline_ms_rounds": [s * 1000 for s in wall[(tp, pp)]["base"]],
+            "pretrain_gpt_cpu_ms_rounds": [s * 1000 for s in cpu[(tp, pp)]["ours"]],
+            "baseline_cpu_ms_rounds": [s * 1000 for s in cpu[(tp, pp)]["base"]],
         })  # fmt: skip
+    summary = (f"{args.rounds} rounds x {args.iters} iterations ({args.warmup} warm-up), {tokens} tokens per "
+               f"iteration; load average before {load_before}, after {load_average()}")  # fmt: skip
     if args.json:
         print(json.dumps({"results": results, "iters": args.iters, "warmup": args.warmup,
-                          "rounds": args.rounds, "load_before": load_before, "load_after": load_average()},
-                         indent=2))  # fmt: skip
+                          "rounds": args.rounds, "summary": summary}, indent=2))  # fmt: skip
         return 0
     rows = [
         [r["layout"], f"{r['pretrain_gpt_it_s']:.2f}", f"{r['pretrain_gpt_tokens_s']:.0f}",
          f"{r['baseline_it_s']:.2f}", f"{r['baseline_tokens_s']:.0f}", f"{r['ratio']:.3f}",
-         " / ".join(f"{a:.0f}:{b:.0f}" for a, b in zip(r["pretrain_gpt_ms_rounds"], r["baseline_ms_rounds"]))]
+         f"{r['pretrain_gpt_cpu_ms']:.0f}", f"{r['baseline_cpu_ms']:.0f}", f"{r['cpu_ratio']:.3f}"]
         for r in results
     ]  # fmt: skip
     headers = ["layout", "pretrain_gpt it/s", "tokens/s", "baseline it/s", "tokens/s", "ratio",
-               "ms/it per round (ours:baseline)"]  # fmt: skip
+               "pretrain_gpt CPU ms/it", "baseline CPU ms/it", "CPU ratio"]  # fmt: skip
     print(markdown_table(headers, rows))
-    print(f"\n{args.rounds} rounds x {args.iters} iterations ({args.warmup} warm-up), {tokens} tokens per "
-          f"iteration; load average before {load_before}, after {load_average()}")  # fmt: skip
+    print(f"\n{summary}")
     return 0
 
 
