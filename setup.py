@@ -44,6 +44,7 @@ setup(
             "unicron-run=megatron_unicron.launch:main",
             "unicron-plan=megatron_unicron.plan.cli:main",
             "unicron-sim=megatron_unicron.sim.cli:main",
+            "unicron-convert=megatron_unicron.ckpt.convert:main",
         ],
     },
 )

@@ -49,7 +49,8 @@ def shorten(text: str) -> str:
 def stream(name: str, pipe: IO[str], done: threading.Event) -> None:
     """Echo the lines of one launcher that tell the story, prefixed with its node."""
     for line in pipe:
-        if any(word in line for word in KEEP) and "WARNING megatron" not in line:
+        fired = "unicron-inject: fired" in line
+        if fired or (any(word in line for word in KEEP) and "WARNING megatron" not in line):
             text = line.rstrip()
             print(f"[{name}] {shorten(text) if 'lm loss' in text else text}", flush=True)
     done.set()
