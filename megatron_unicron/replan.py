@@ -190,13 +190,13 @@ def make_shrink_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> ShrinkF
     def shrink_fn(state: JobState, restarted: tuple[int, ...]) -> Decision | None:
         config = config_of()
         layout = state.layout
-        if config is None or layout.dp < 2:
+        batch, micro = (config or {}).get("global_batch_size"), (config or {}).get("micro_batch_size")
+        if not batch or not micro or layout.dp < 2:  # a script that posts no batch: nothing to split
             return None
         block = layout.tp * layout.pp
         replicas = [state.members[d * block : (d + 1) * block] for d in range(layout.dp)]
         intact = [r for r in replicas if not set(r) & set(restarted)]
-        splits = [d for d in range(len(intact), 1, -1)
-                  if config["global_batch_size"] % (config["micro_batch_size"] * d) == 0]
+        splits = [d for d in range(len(intact), 1, -1) if batch % (micro * d) == 0]
         if not splits:
             return None
         dp = splits[0]

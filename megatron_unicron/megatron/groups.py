@@ -140,9 +140,33 @@ def destroy_model_parallel() -> None:
     world = dist.group.WORLD if dist.is_initialized() else None
     sub_groups = [g for g in list(dist.distributed_c10d._world.pg_map) if g is not world]
     ps.destroy_model_parallel()
+    forget_megatron_globals()
     for group in sub_groups:
         if group in dist.distributed_c10d._world.pg_map:
             dist.destroy_process_group(group)
+
+
+def forget_megatron_globals() -> list[str]:
+    """Clear the group globals that megatron's ``destroy_model_parallel`` leaves set; returns their names.
+
+    megatron-core 0.16 does not reset ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` (the
+    DistributedOptimizer's group): the reference keeps a destroyed gloo group's sockets open for the
+    life of the process, one set per generation.
+    """
+    from megatron.core import parallel_state as ps
+
+    left = [name for name, value in vars(ps).items()
+            if name.isupper() and isinstance(value, (dist.ProcessGroup, list, tuple))
+            and _holds_group(value)]  # fmt: skip
+    for name in left:
+        setattr(ps, name, None)
+    return left
+
+
+def _holds_group(value: object) -> bool:
+    if isinstance(value, dist.ProcessGroup):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, dist.ProcessGroup) for v in value)
 
 
 def destroy_world() -> None:
@@ -166,6 +190,7 @@ def abandon_world() -> int:
     now = time.monotonic()
     _GRAVEYARD.extend((now, group) for group in groups)
     ps.destroy_model_parallel()
+    forget_megatron_globals()
     c10d._update_default_pg(None)
     for registry in (
         c10d._world.pg_map,
