@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import math
 import os
 import re
 from abc import ABC, abstractmethod
@@ -53,10 +54,7 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         """Number of elements of the full tensor."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -100,10 +101,7 @@ class LazyTensor:
     @property
     def numel(self) -> int:
         """Number of elements."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

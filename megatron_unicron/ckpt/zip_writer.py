@@ -11,6 +11,7 @@ checksumming the next, while at most one slab waits (memory stays bounded).
 from __future__ import annotations
 
 import collections
+import math
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,10 +76,7 @@ class TensorRef:
     @property
     def numel(self) -> int:
         """Number of elements."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def __reduce__(self) -> Any:
         stride = []
