@@ -1,8 +1,8 @@
 """Transition benchmark: fault -> first good step with unicron, against Megatron's checkpoint restart.
 
-    python benchmarks/transition.py [--json] [--repeat N] [--scenarios dp-rank-killed,relayout,hang,node-lost]
+    python benchmarks/transition.py [--json] [--repeat N] [--scenarios dp-rank-killed,dp4-rank-killed,...]
 
-For each scenario the tiny CPU GPT (TP1 PP2 DP2 on 4 ranks; two simulated nodes for the node loss) is
+For each scenario the tiny CPU GPT (TP1 PP2 DP2 on 4 ranks, or DP4; two simulated nodes for the node loss) is
 trained with ``--unicron`` and one injected fault. From the incident log: fault -> detected ->
 decided -> resumed (first good step of the new generation); from the transition log (every process
 writes one line per transition): the split of the transition (agree, capture, leave, groups, model,
@@ -50,12 +50,18 @@ class Scenario:
     fault: str
     nnodes: int = 1
     what: str = ""
+    tp_pp: tuple[int, int] = (1, 2)  # on 4 ranks: TP1 PP2 DP2 unless said otherwise
 
 
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario("dp-rank-killed", f"kill:3:{FAULT_ITERATION}", what="a DP rank SIGKILLed (TP/PP kept)"),
+        # With three intact replicas left the survivors train on at once (the restarted rank joins later);
+        # with one (the TP1 PP2 DP2 case above) everyone waits for the restart, so that a second fault
+        # before the join never finds a shard without a live copy.
+        Scenario("dp4-rank-killed", f"kill:3:{FAULT_ITERATION}", what="a DP rank of four SIGKILLed",
+                 tp_pp=(1, 1)),
         Scenario("relayout", f"ecc:3:{FAULT_ITERATION}", what="an ECC error excludes a rank: PP re-layout"),
         Scenario("hang", f"hang:3:{FAULT_ITERATION}", what="a rank SIGSTOPped"),
         Scenario("node-lost", f"node:3:{FAULT_ITERATION}", nnodes=2, what="a node (2 ranks) lost"),
@@ -83,8 +89,9 @@ class Result:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _flags(tmp: Path, name: str, *extra: str) -> list[str]:
-    layout = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]
+def _flags(tmp: Path, name: str, scenario: Scenario, *extra: str) -> list[str]:
+    tp, pp = scenario.tp_pp
+    layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     metrics = ["--unicron-metrics-log", str(tmp / f"{name}.metrics.jsonl")]
     return [SCRIPT, "--yaml-cfg", YAML, *layout, "--train-iters", str(ITERS), *metrics, *extra]
 
@@ -99,7 +106,7 @@ def unicron_run(scenario: Scenario, tmp: Path) -> Result:
         "--unicron-incident-log", str(tmp / "incidents.jsonl"),
         "--unicron-transition-log", str(tmp / "transitions.jsonl"),
     ]  # fmt: skip
-    argv = _flags(tmp, "unicron", *logs)
+    argv = _flags(tmp, "unicron", scenario, *logs)
     if scenario.nnodes == 1:
         result = run_job(argv, nproc_per_node=4, launcher_args=["--unicron"], timeout_s=600)
     else:
@@ -144,8 +151,9 @@ def baseline_run(scenario: Scenario, tmp: Path, save_interval: int) -> tuple[flo
         return MEGATRON_TIMEOUT_S, "job down until an operator drains the node"
     ckpt = tmp / "ckpt"
     argv = _flags(
-        tmp, "baseline", "--save", str(ckpt), "--save-interval", str(save_interval), "--load", str(ckpt)
-    )
+        tmp, "baseline", scenario, "--save", str(ckpt), "--save-interval", str(save_interval),
+        "--load", str(ckpt),
+    )  # fmt: skip
     fault = scenario.fault if scenario.name != "relayout" else f"kill:3:{FAULT_ITERATION}"
     argv += ["--unicron-inject", fault]
     result = run_job(argv, nproc_per_node=4, launcher_args=["--max-restarts", "1"], timeout_s=600)
