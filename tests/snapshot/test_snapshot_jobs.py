@@ -3,8 +3,9 @@
 The reference is an uninterrupted run with snapshots every 2 iterations, persisted every 2 snapshots.
 Every other run is compared with its loss curve, bit for bit while the layout is the same: a restarted
 rank that resumes from its own snapshot, a rank killed while copying its newest snapshot (everyone rolls
-back to the previous one), a run resumed from the checkpoint the snapshots persisted asynchronously, and a
-lost node whose pipeline stage survives only as replicas on the peer node. Each fault proves it fired.
+back to the previous one), a run resumed from the checkpoint the snapshots persisted asynchronously, a
+lost node whose pipeline stage survives only as replicas on the peer node, and a failed device whose
+shards fill a smaller layout from its node's snapshot. Each fault proves it fired.
 """
 
 from __future__ import annotations
@@ -151,3 +152,24 @@ def test_a_lost_node_comes_back_from_its_replica_on_the_peer_node(reference, tmp
     for i in sorted(got):  # exact in the old layout, fp32 reduction order in the new one
         assert got[i] == (expected[i] if i <= replicated else pytest.approx(expected[i], rel=1e-5, abs=1e-5))
     assert not (shm / "node0").exists(), "node0's agent did not remove its snapshot directory"
+
+
+@pytest.mark.timeout(240)
+def test_a_failed_device_at_tp2_pp2_continues_at_a_smaller_layout_from_snapshots(reference, tmp_path) -> None:
+    _, _, base = reference
+    # TP2 PP2 DP1: rank 1's device fails (ECC, SEV1): it is left out, the three others move to a 2-rank
+    # layout, and rank 1's half of its stage (held by no other process) comes from its node's snapshot.
+    result, records = run(tmp_path, "ecc", "--unicron-snapshot-interval", "1",
+                          "--unicron-inject", "ecc:1:6:backward")  # fmt: skip
+    assert "fired ecc:1:6:backward" in result.stderr
+    (incident,) = read_log(str(tmp_path / "ecc.incidents.jsonl"))
+    outcome = (incident["severity"], incident["action"], incident["outcome"])
+    assert outcome == ("SEV1", "reconfigure", "resumed"), incident
+    layout = incident["layout"]
+    assert layout["tp"] * layout["pp"] * layout["dp"] == len(incident["members"]) < 4
+    assert 1 not in incident["members"]
+    assert "resumed after iteration 5" in result.stdout, result.output[-4000:]
+    got, expected = curve(records), curve(base)
+    assert sorted(got) == list(range(1, ITERS + 1))
+    for i in sorted(got):  # exact in the old layout, fp32 reduction order in the new one
+        assert got[i] == (expected[i] if i <= 5 else pytest.approx(expected[i], rel=1e-5, abs=1e-5))
