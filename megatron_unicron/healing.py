@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from megatron_unicron.detect.watchdog import AdaptiveTimeouts, IterationMonitor, TimeoutPolicy
 from megatron_unicron.errors import UnicronError
 from megatron_unicron.events import Action, Decision, ErrorKind, FaultEvent
-from megatron_unicron.megatron import timed_collectives
+from megatron_unicron.megatron import groups, timed_collectives
 from megatron_unicron.protocol import JobChannel
 from megatron_unicron.taxonomy import classify_exception, error_text
 from megatron_unicron.transition.controller import TransitionReport, run_transition
@@ -162,6 +162,8 @@ class Healer:
         """Iteration monitor: the main thread is stuck outside any timed wait."""
         message = f"{error_text(ErrorKind.TASK_HANG)}: iteration {iteration} running for {elapsed:.2f}s"
         self.monitor_channel.report(self._event(ErrorKind.TASK_HANG, message))
+        if groups.abort_communicators():  # NCCL: unblock the main thread; gloo's waits time out by themselves
+            logger.warning("unicron: aborted the NCCL communicators of iteration %d", iteration)
 
     def recover(self, error: BaseException) -> None:
         """Report ``error``, then follow decisions until this process trains again."""

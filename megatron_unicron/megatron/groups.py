@@ -176,6 +176,19 @@ def destroy_world() -> None:
         dist.destroy_process_group()
 
 
+def abort_communicators() -> bool:
+    """Abort the current generation's NCCL communicators; returns whether there were any to abort.
+
+    A thread blocked in an NCCL operation then returns with an error and the worker recovers in-band.
+    NCCL only: gloo has no abort (its waits are timed instead, ``timed_collectives``). Untested here: the
+    project's machines have no GPU.
+    """
+    if not dist.is_initialized() or dist.get_backend() != "nccl":
+        return False
+    dist.distributed_c10d._abort_process_group(None)
+    return True
+
+
 def abandon_world() -> int:
     """Forget a broken generation's groups without blocking; returns how many groups were abandoned.
 

@@ -9,7 +9,8 @@ the group without blocking (``groups.abandon_world``). Operations inside megatro
 are waited as one, through a timed version of ``_coalescing_manager``.
 
 With NCCL the wait is not timed here (a CUDA stream cannot be waited for from the CPU without a
-synchronize); the iteration monitor aborts the communicator instead.
+synchronize); the iteration monitor reports the hang and aborts the communicators instead
+(``groups.abort_communicators``).
 
 Patched: ``torch.distributed.{all_reduce, all_gather_into_tensor, reduce_scatter_tensor, all_gather,
 broadcast, barrier, batch_isend_irecv}`` (megatron's pipeline uses batched p2p by default;
