@@ -1,4 +1,4 @@
-"""Process groups of a generation: NCCL communicators can be aborted, gloo ones are left to their timed waits."""
+"""Process groups of a generation: NCCL communicators can be aborted, gloo ones wait with timeouts."""
 
 from __future__ import annotations
 
