@@ -51,19 +51,24 @@ class Scenario:
     nnodes: int = 1
     what: str = ""
     tp_pp: tuple[int, int] = (1, 2)  # on 4 ranks: TP1 PP2 DP2 unless said otherwise
+    flags: tuple[str, ...] = ()  # more flags of the unicron run
 
 
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario("dp-rank-killed", f"kill:3:{FAULT_ITERATION}", what="a DP rank SIGKILLed (TP/PP kept)"),
-        # With three intact replicas left the survivors train on at once (the restarted rank joins later);
-        # with one (the TP1 PP2 DP2 case above) everyone waits for the restart, so that a second fault
-        # before the join never finds a shard without a live copy.
+        # By default (--unicron-restart-min-replicas 2) the survivors of a DP 2 job wait for the restart, so
+        # that a second fault before it is back never finds a shard without a live copy; with 1 they train
+        # on at DP 1 at once (torchft's behaviour); with four replicas two train on either way.
+        Scenario("dp-rank-killed-min1", f"kill:3:{FAULT_ITERATION}", what="the same, training on at DP 1",
+                 flags=("--unicron-restart-min-replicas", "1")),
         Scenario("dp4-rank-killed", f"kill:3:{FAULT_ITERATION}", what="a DP rank of four SIGKILLed",
                  tp_pp=(1, 1)),
         Scenario("relayout", f"ecc:3:{FAULT_ITERATION}", what="an ECC error excludes a rank: PP re-layout"),
         Scenario("hang", f"hang:3:{FAULT_ITERATION}", what="a rank SIGSTOPped"),
+        Scenario("hang-min1", f"hang:3:{FAULT_ITERATION}", what="the same, training on at DP 1",
+                 flags=("--unicron-restart-min-replicas", "1")),
         Scenario("node-lost", f"node:3:{FAULT_ITERATION}", nnodes=2, what="a node (2 ranks) lost"),
     )
 }
@@ -106,7 +111,7 @@ def unicron_run(scenario: Scenario, tmp: Path) -> Result:
         "--unicron-incident-log", str(tmp / "incidents.jsonl"),
         "--unicron-transition-log", str(tmp / "transitions.jsonl"),
     ]  # fmt: skip
-    argv = _flags(tmp, "unicron", scenario, *logs)
+    argv = _flags(tmp, "unicron", scenario, *logs, *scenario.flags)
     if scenario.nnodes == 1:
         result = run_job(argv, nproc_per_node=4, launcher_args=["--unicron"], timeout_s=600)
     else:
@@ -145,7 +150,7 @@ def unicron_run(scenario: Scenario, tmp: Path) -> Result:
 
 def baseline_run(scenario: Scenario, tmp: Path, save_interval: int) -> tuple[float, str]:
     """Megatron: the group dies, relaunches from the newest checkpoint, recomputes to the failed iteration."""
-    if scenario.name == "hang":
+    if scenario.name.startswith("hang"):
         return MEGATRON_TIMEOUT_S, f"> {MEGATRON_TIMEOUT_S:.0f} s (collective timeout)"
     if scenario.name == "node-lost":
         return MEGATRON_TIMEOUT_S, "job down until an operator drains the node"

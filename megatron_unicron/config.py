@@ -99,12 +99,18 @@ class UnicronConfig:
     persist_interval: int = 0
     """Also write every M-th snapshot as a torch_dist checkpoint to --save, in the background (0: never)."""
 
+    restart_min_replicas: int = 2
+    """While a restarted process comes back, the intact DP replicas train on if at least N are left
+    (1: even a single copy, as torchft does; a second fault meanwhile then needs a snapshot or checkpoint)."""
+
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self) -> None:
         for name in ("snapshot_interval", "persist_interval"):
             value = getattr(self, name)
             _require(value >= 0, name, value, "must be 0 (never) or a positive number of iterations")
+        _require(self.restart_min_replicas >= 1, "restart_min_replicas", self.restart_min_replicas,
+                 "must be at least 1 (the number of intact DP replicas that train on during a restart)")
         for spec in self.inject:
             _require(bool(spec.strip()), "inject", spec, "give a fault as KIND:RANK:ITER[:PHASE]")
 

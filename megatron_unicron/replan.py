@@ -181,10 +181,10 @@ def make_shrink_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> ShrinkF
     ``[d·tp·pp, (d+1)·tp·pp)`` of the members; the replicas without a restarted rank keep training
     (the global batch is split over fewer of them), the surviving ranks of broken replicas wait as
     spares, and the restarted processes join again later. The largest number of intact replicas over
-    which the global batch splits trains; None when that is fewer than two (then everyone waits for the
-    restart): a shrunk layout keeps a live copy of every shard, so that one more fault before the
-    restarted ranks are back still has a replica to restore from (the spares' copies go stale as soon
-    as the shrunk layout trains).
+    which the global batch splits trains; None when that is fewer than the job's ``restart_min_replicas``
+    (default 2; then everyone waits for the restart). Two keep a live copy of every shard, so that one
+    more fault before the restarted ranks are back still has a replica to restore from (the spares'
+    copies go stale as soon as the shrunk layout trains); 1 trades that for training on at once.
     """
 
     def shrink_fn(state: JobState, restarted: tuple[int, ...]) -> Decision | None:
@@ -196,7 +196,8 @@ def make_shrink_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> ShrinkF
         block = layout.tp * layout.pp
         replicas = [state.members[d * block : (d + 1) * block] for d in range(layout.dp)]
         intact = [r for r in replicas if not set(r) & set(restarted)]
-        splits = [d for d in range(len(intact), 1, -1) if batch % (micro * d) == 0]
+        least = int((config or {}).get("restart_min_replicas", 2))
+        splits = [d for d in range(len(intact), least - 1, -1) if d >= 1 and batch % (micro * d) == 0]
         if not splits:
             return None
         dp = splits[0]

@@ -67,6 +67,7 @@ def job_config(args: MegatronArgs, env: WorkerEnv, vocab_size: int) -> dict[str,
         "gpus_per_node": local,
         "global_batch_size": args.global_batch_size,
         "micro_batch_size": args.micro_batch_size,
+        "restart_min_replicas": args.unicron.restart_min_replicas,
         "use_distributed_optimizer": args.use_distributed_optimizer,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "model": {

@@ -1,4 +1,4 @@
-"""The SEV2 shrink rule: go on with the intact DP replicas only while at least two of them remain."""
+"""The SEV2 shrink rule: go on with the intact DP replicas while at least restart_min_replicas remain."""
 
 from __future__ import annotations
 
@@ -37,3 +37,11 @@ def test_no_shrink_to_a_single_replica_nor_when_the_batch_does_not_split() -> No
     odd = make_shrink_fn(lambda: {"global_batch_size": 10, "micro_batch_size": 2})
     assert odd(_state(1, 1, 4), (0,)) is None  # 10 = 2-sample micro-batches over neither 3 nor 2
     assert make_shrink_fn(lambda: None)(_state(1, 1, 4), (0,)) is None  # no config posted yet
+
+
+def test_a_job_may_train_on_with_a_single_replica_when_it_says_so() -> None:
+    config = {"global_batch_size": 8, "micro_batch_size": 2, "restart_min_replicas": 1}
+    shrink = make_shrink_fn(lambda: config)
+    decision = shrink(_state(1, 2, 2), (3,))
+    assert decision is not None and decision.layout == LayoutSpec(tp=1, pp=2, dp=1)
+    assert decision.members == (0, 1)
