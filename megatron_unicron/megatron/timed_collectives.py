@@ -150,18 +150,24 @@ class TimedWork:
 def _timed_collective(
     name: str, original: Callable[..., Any], timeouts: AdaptiveTimeouts
 ) -> Callable[..., Any]:
-    signature = inspect.signature(original)
+    # Positions of ``group`` and ``async_op`` in the signature, read once: ``inspect.Signature.bind`` on
+    # every call would cost more than the gloo call itself for a small tensor.
+    names = list(inspect.signature(original).parameters)
+    group_at, async_at = names.index("group"), names.index("async_op")
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        group = bound.arguments.get("group")
+        group = args[group_at] if len(args) > group_at else kwargs.get("group")
         if _in_coalescing(group):
             return original(*args, **kwargs)
-        caller_async = bool(bound.arguments.get("async_op", False))
-        bound.arguments["async_op"] = True
+        if len(args) > async_at:
+            caller_async = bool(args[async_at])
+            args = (*args[:async_at], True, *args[async_at + 1 :])
+        else:
+            caller_async = bool(kwargs.get("async_op", False))
+            kwargs["async_op"] = True
         key = (name, _group_ranks(group), _numel(args, kwargs))
-        work = TimedWork([original(*bound.args, **bound.kwargs)], key, timeouts)
+        work = TimedWork([original(*args, **kwargs)], key, timeouts)
         if caller_async:
             return work
         work.wait()
