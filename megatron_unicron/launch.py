@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the other nodes (default 600)")
     p.add_argument("--unicron", action="store_true",
                    help="self-healing mode: report failures to the job's coordinator (run by node rank 0), "
-                        "which restarts failed workers or stops the job")
+                        "which reattempts, restarts failed workers or reconfigures the job")
     p.add_argument("-m", "--module", action="store_true", help="run the script as a module (python -m)")
     p.add_argument("--no-python", "--no_python", action="store_true",
                    help="execute the script directly instead of with this Python")
