@@ -81,13 +81,15 @@ def run_pretrain(tp: int, pp: int, iters: int) -> tuple[JobRun, list[float]]:
     return done, times
 
 
-def run_baseline(tp: int, pp: int, iters: int, config: dict[str, Any]) -> tuple[JobRun, list[float]]:
+def run_baseline(
+    tp: int, pp: int, iters: int, config: dict[str, Any], reduce_loss: bool = False
+) -> tuple[JobRun, list[float]]:
     """The run and the end times of the plain loop's iterations."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "times.jsonl"
         done = launch(
             ["benchmarks/plain_mcore_loop.py", "--tp", str(tp), "--pp", str(pp), "--iters", str(iters),
-             "--out", str(out), *job_shape(config, tp)],
+             "--out", str(out), *job_shape(config, tp), *(["--reduce-loss"] if reduce_loss else [])],
             NPROC,
         )  # fmt: skip
         return done, [json.loads(line)["t"] for line in out.read_text().splitlines()]
@@ -97,6 +99,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated, e.g. TP2PP1,TP1PP2")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--baseline-reduces-loss", action="store_true",
+                   help="the plain loop all-reduces its loss over DP each iteration, as Megatron-LM does")
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="iterations skipped before timing")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -114,7 +118,7 @@ def main() -> int:
                 if which == "ours":
                     run, times = run_pretrain(tp, pp, args.iters)
                 else:
-                    run, times = run_baseline(tp, pp, args.iters, config)
+                    run, times = run_baseline(tp, pp, args.iters, config, args.baseline_reduces_loss)
                 wall[(tp, pp)][which].append(steady_seconds(times, args.warmup))
                 cpu[(tp, pp)][which].append(steady_cpu_seconds(run, times, args.warmup))
                 print(f"round {r + 1} TP{tp}PP{pp} {'pretrain_gpt' if which == 'ours' else 'baseline'}: "

@@ -53,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=None, help="JSON lines of (iteration, time, loss), last rank only")
+    p.add_argument("--reduce-loss", action="store_true",
+                   help="all-reduce the loss over the DP group on the last stage every iteration, as "
+                        "Megatron-LM's train_step does for its log line")  # fmt: skip
     return p.parse_args()
 
 
@@ -222,6 +225,9 @@ def main() -> None:
             micro_batch_size=args.micro_batch_size,
             forward_only=False,
         )
+        if args.reduce_loss and parallel_state.is_pipeline_last_stage():
+            total = torch.stack([d["lm loss"].view(-1).double() for d in losses]).sum(dim=0)
+            torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
         optimizer.step()
         scheduler.step(increment=args.global_batch_size)
         if last:
