@@ -37,8 +37,10 @@ from megatron_unicron.testing.harness import run_job, start_job  # noqa: E402
 
 SCRIPT = str(ROOT / "examples/gpt/pretrain_gpt.py")
 YAML = str(ROOT / "examples/gpt/configs/tiny_gpt.yaml")
-FAULT_ITERATION = 8
-ITERS = 16
+# Late enough for the node's warm spare to have done its imports (it starts once training runs), as
+# it has when a fault strikes hours into a job; 103 keeps the baseline's recomputation at 2 iterations.
+FAULT_ITERATION = 103
+ITERS = 111
 MEGATRON_TIMEOUT_S = 600.0  # Megatron-LM's --distributed-timeout-minutes default: when it notices a hang
 
 
@@ -52,6 +54,7 @@ class Scenario:
     what: str = ""
     tp_pp: tuple[int, int] = (1, 2)  # on 4 ranks: TP1 PP2 DP2 unless said otherwise
     flags: tuple[str, ...] = ()  # more flags of the unicron run
+    launcher: tuple[str, ...] = ()  # more flags of its launcher
 
 
 SCENARIOS = {
@@ -61,6 +64,9 @@ SCENARIOS = {
         # By default (--unicron-restart-min-replicas 2) the survivors of a DP 2 job wait for the restart, so
         # that a second fault before it is back never finds a shard without a live copy; with 1 they train
         # on at DP 1 at once (torchft's behaviour); with four replicas two train on either way.
+        Scenario("dp-rank-killed-cold", f"kill:3:{FAULT_ITERATION}", what="the same, restarted without "
+                 "the warm spare (a new interpreter imports torch and megatron-core)",
+                 launcher=("--no-warm-spare",)),
         Scenario("dp-rank-killed-min1", f"kill:3:{FAULT_ITERATION}", what="the same, training on at DP 1",
                  flags=("--unicron-restart-min-replicas", "1")),
         Scenario("dp4-rank-killed", f"kill:3:{FAULT_ITERATION}", what="a DP rank of four SIGKILLed",
@@ -91,6 +97,8 @@ class Result:
     baseline_s: float
     baseline_note: str
     layout: str = ""
+    restarted_in: str = ""
+    """Where the failed rank was restarted: "warm spare", "new process", or "" (nothing restarted)."""
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -112,10 +120,11 @@ def unicron_run(scenario: Scenario, tmp: Path) -> Result:
         "--unicron-transition-log", str(tmp / "transitions.jsonl"),
     ]  # fmt: skip
     argv = _flags(tmp, "unicron", scenario, *logs, *scenario.flags)
+    launcher = ["--unicron", *scenario.launcher]
     if scenario.nnodes == 1:
-        result = run_job(argv, nproc_per_node=4, launcher_args=["--unicron"], timeout_s=600)
+        result = run_job(argv, nproc_per_node=4, launcher_args=launcher, timeout_s=600)
     else:
-        with start_job(argv, nproc_per_node=2, nnodes=2, launcher_args=["--unicron"], timeout_s=600) as job:
+        with start_job(argv, nproc_per_node=2, nnodes=2, launcher_args=launcher, timeout_s=600) as job:
             result = job.wait()
     incident = read_log(str(tmp / "incidents.jsonl"))[0]
     if incident.get("t_resumed") is None:
@@ -145,6 +154,8 @@ def unicron_run(scenario: Scenario, tmp: Path) -> Result:
         baseline_s=float("nan"),
         baseline_note="",
         layout=first[0]["layout"],
+        restarted_in="warm spare" if "in the warm spare" in result.stderr else
+                     "new process" if "restarting rank" in result.stderr else "",
     )
 
 
@@ -187,11 +198,11 @@ def measure(names: Sequence[str], repeat: int, save_interval: int) -> list[Resul
 
 def table(results: Sequence[Result]) -> str:
     head = (
-        "| scenario | layout after | fault -> first good step | detect | decide "
+        "| scenario | layout after | restarted in | fault -> first good step | detect | decide "
         "| transition (max over ranks) | resume | bytes moved / needed | iterations lost "
         "| mean iteration | baseline | speedup |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in results:
         split = ", ".join(f"{k} {v:.2f}" for k, v in r.transition_s.items() if v >= 0.005)
         speed = r.baseline_s / r.first_good_step_s
@@ -199,9 +210,10 @@ def table(results: Sequence[Result]) -> str:
             f"{r.baseline_s:.1f} s ({r.baseline_note})"
         )  # fmt: skip
         lines.append(
-            f"| {r.scenario} | {r.layout} | {r.first_good_step_s:.2f} s | {r.detect_s:.2f} "
-            f"| {r.decide_s:.2f} | {split} | {r.resume_s:.2f} | {r.bytes_moved} / {r.bytes_needed} "
-            f"| {r.iterations_lost} | {r.mean_iteration_s:.3f} s | {base} | {speed:.0f}x |"
+            f"| {r.scenario} | {r.layout} | {r.restarted_in or '-'} | {r.first_good_step_s:.2f} s "
+            f"| {r.detect_s:.2f} | {r.decide_s:.2f} | {split} | {r.resume_s:.2f} "
+            f"| {r.bytes_moved} / {r.bytes_needed} | {r.iterations_lost} "
+            f"| {r.mean_iteration_s:.3f} s | {base} | {speed:.0f}x |"
         )
     return "\n".join(lines)
 

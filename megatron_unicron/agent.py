@@ -17,6 +17,7 @@ import os
 import queue
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -25,13 +26,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from megatron_unicron.node_group import AgentError, NodeGroup
+from megatron_unicron.protocol import JobChannel
 from megatron_unicron.snapshot.node_store import NodeSnapshots
+from megatron_unicron.spare import WarmSpare, spare_target
 from megatron_unicron.store import JobKeys, Store, StoreError
-from megatron_unicron.workers import WorkerExit, WorkerProcess, stop_workers
+from megatron_unicron.workers import WorkerExit, WorkerProcess, bound_to_this_process, stop_workers
 
 log = logging.getLogger(__name__)
 
 MODES = ("torchrun", "unicron")
+SPARE_RESPAWN_DELAY_S = 10.0
+"""After a spare became a worker, wait this long before starting the next (not to slow the recovery)."""
+SPARE_CHECK_S = 0.5
+"""How often to look whether training runs yet: the first spare starts after the workers' own start-up,
+not to compete with their imports for the node's cores."""
 
 
 class _Stopped(Exception):
@@ -63,6 +71,8 @@ class AgentConfig:
     poll_interval_s: float = 0.1
     """How often the store is polled for other nodes' news (local exits are seen at once)."""
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    warm_spare: bool = True
+    """In ``unicron`` mode, keep one pre-imported interpreter to restart a failed worker in (``spare``)."""
 
     def __post_init__(self) -> None:
         if self.nnodes < 1:
@@ -122,6 +132,11 @@ class AgentConfig:
         else:
             env.pop("UNICRON_MODE", None)
         return env
+
+    @property
+    def keeps_a_spare(self) -> bool:
+        """Whether this node keeps a warm spare: ``unicron`` mode, a Python worker, not switched off."""
+        return self.warm_spare and self.mode == "unicron" and spare_target(self.argv) is not None
 
 
 class Reaction(enum.Enum):
@@ -248,6 +263,10 @@ class NodeAgent:
         self._owner: threading.Thread | None = None
         self._error_dir = ""
         self._spawns = 0
+        self._spare: WarmSpare | None = None
+        self._spare_due: float | None = None
+        """When (monotonic) to start the next warm spare, if one is wanted."""
+        self._training_seen = False
         self.snapshots: NodeSnapshots | None = None
         """The node's in-memory snapshots (``--unicron``): they outlive worker crashes."""
 
@@ -271,6 +290,20 @@ class NodeAgent:
             raise ValueError(f"no worker with local rank {local_rank} on {self.config.node}")
         if old.alive():
             raise RuntimeError(f"rank {old.rank} (pid {old.pid}) is still running; stop it first")
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.usable():
+            self._spare_due = time.monotonic() + SPARE_RESPAWN_DELAY_S
+            env, error_file = self._worker_env(local_rank, extra_env or {})
+            try:
+                process = spare.hand_over(env)
+            except OSError as error:
+                log.warning("%s; restarting rank %d in a new process", error, old.rank)
+            else:
+                log.info("restarting rank %d in the warm spare (pid %d)", old.rank, spare.pid)
+                return self._adopt(local_rank, env, error_file, process)
+        if spare is not None:
+            spare.close()
+            self._spare_due = time.monotonic()
         log.info("restarting rank %d", old.rank)
         return self._spawn(local_rank, extra_env or {})
 
@@ -315,6 +348,7 @@ class NodeAgent:
             result = AgentResult(outcome=Outcome.ERROR, attempts=self.attempt + 1, message=str(e))
             self.group.abort(f"{cfg.node}: {e}")
         finally:
+            self._close_spare()
             stop_workers(list(self._workers.values()), cfg.shutdown_timeout_s)
             shutil.rmtree(self._error_dir, ignore_errors=True)
             if self.snapshots is not None:  # the job ended for this node: no worker needs them any more
@@ -336,8 +370,10 @@ class NodeAgent:
             log.info("starting %d worker(s), attempt %d", self.config.nproc_per_node, self.attempt)
             for local_rank in range(self.config.nproc_per_node):
                 self._spawn(local_rank, {})
+        self._spare_due = time.monotonic() if self.config.keeps_a_spare else None
         ending = self._supervise()
         outcome, root = ending.outcome, ending.root
+        self._close_spare()
         stop_workers(list(self._workers.values()), self.config.shutdown_timeout_s)
         log.debug("attempt %d ended here: %s", self.attempt, outcome.value)
         if outcome is Outcome.SUCCEEDED and self.config.nnodes > 1:
@@ -381,6 +417,7 @@ class NodeAgent:
                 root = self.group.failure(self.attempt)
                 if root is not None:
                     return Ending(Outcome.FAILED, root)
+                self._tend_spare()
                 ending = self.policy.on_idle(self)
                 if ending is not None:
                     return ending
@@ -403,10 +440,13 @@ class NodeAgent:
     def _on_worker_exit(self, worker: WorkerProcess, worker_exit: WorkerExit) -> None:
         self._events.put(_Exited(worker, worker_exit))  # called on the worker's waiter thread
 
-    def _spawn(self, local_rank: int, extra_env: Mapping[str, str]) -> WorkerProcess:
+    def _check_thread(self) -> None:
         if threading.current_thread() is not self._owner:
             raise RuntimeError("workers must be started on the agent's thread (their parent-death signal "
                                "is bound to the thread that forks them)")
+
+    def _worker_env(self, local_rank: int, extra_env: Mapping[str, str]) -> tuple[dict[str, str], str]:
+        """A new worker's environment and the error file it reports a crash in."""
         self._spawns += 1
         error_dir = os.path.join(self._error_dir, f"attempt_{self.attempt}", f"{local_rank}.{self._spawns}")
         os.makedirs(error_dir, exist_ok=True)
@@ -414,17 +454,58 @@ class NodeAgent:
         env = self.config.worker_env(local_rank, self.attempt, error_file)
         env.update(self.snapshots.worker_env() if self.snapshots is not None else {})
         env.update(extra_env)
+        return env, error_file
+
+    def _spawn(self, local_rank: int, extra_env: Mapping[str, str]) -> WorkerProcess:
+        self._check_thread()
+        env, error_file = self._worker_env(local_rank, extra_env)
         try:
-            worker = WorkerProcess(
-                argv=self.config.argv, env=env, rank=int(env["RANK"]), local_rank=local_rank,
-                node=self.config.node, attempt=self.attempt, error_file=error_file,
-                on_exit=self._on_worker_exit,
-            )
+            return self._adopt(local_rank, env, error_file, None)
         except OSError as e:
             raise AgentError(f"cannot start {self.config.argv[0]!r}: {e}") from None
+
+    def _adopt(self, local_rank: int, env: Mapping[str, str], error_file: str,
+               process: subprocess.Popen[bytes] | None) -> WorkerProcess:  # fmt: skip
+        """Supervise a worker: a new process (``process`` None) or a spare that took ``env``."""
+        worker = WorkerProcess(
+            argv=self.config.argv, env=env, rank=int(env["RANK"]), local_rank=local_rank,
+            node=self.config.node, attempt=self.attempt, error_file=error_file,
+            on_exit=self._on_worker_exit, process=process,
+        )
         self._workers[local_rank] = worker
         log.debug("started rank %d as pid %d", worker.rank, worker.pid)
         return worker
+
+    def _tend_spare(self) -> None:
+        """Start the warm spare when one is due (on the agent's thread, as workers)."""
+        if self._spare_due is None or time.monotonic() < self._spare_due or self._spare is not None:
+            return
+        if not self._training_seen:
+            first_rank = self.config.node_rank * self.config.nproc_per_node
+            try:
+                self._training_seen = JobChannel(self.store, self.keys).progress(first_rank) is not None
+            except StoreError:  # the store's trouble is the supervision loop's to report
+                self._training_seen = False
+            if not self._training_seen:
+                self._spare_due = time.monotonic() + SPARE_CHECK_S
+                return
+        self._check_thread()
+        self._spare_due = None
+        # Its environment is a worker's (as read at import time); the handover replaces all of it.
+        env = self.config.worker_env(0, self.attempt, os.devnull)
+        env.update(self.snapshots.worker_env() if self.snapshots is not None else {})
+        try:
+            self._spare = WarmSpare(self.config.argv, env, bound_to_this_process())
+        except OSError as error:
+            log.warning("no warm spare: %s", error)
+            return
+        log.info("started a warm spare (pid %d) to restart a failed worker in", self._spare.pid)
+
+    def _close_spare(self) -> None:
+        self._spare_due = None
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
 
     def _failures(self, root: WorkerExit | None) -> tuple[WorkerExit, ...]:
         """The attempt's own failures (exits the agent did not cause), root cause first."""

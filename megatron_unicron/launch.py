@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unicron", action="store_true",
                    help="self-healing mode: report failures to the job's coordinator (run by node rank 0), "
                         "which reattempts, restarts failed workers or reconfigures the job")
+    p.add_argument("--no-warm-spare", dest="warm_spare", action="store_false",
+                   help="with --unicron: do not keep a pre-imported spare interpreter per node to restart a "
+                        "failed worker in (it takes the worker's place in well under a second)")
     p.add_argument("-m", "--module", action="store_true", help="run the script as a module (python -m)")
     p.add_argument("--no-python", "--no_python", action="store_true",
                    help="execute the script directly instead of with this Python")
@@ -190,6 +193,7 @@ def _run(
         job=job, node_rank=args.node_rank, nnodes=nnodes, nproc_per_node=nproc, argv=cmd,
         master_addr=args.master_addr, master_port=store.address[1], max_restarts=args.max_restarts,
         mode=mode, shutdown_timeout_s=args.shutdown_timeout, join_timeout_s=args.join_timeout, base_env=env,
+        warm_spare=args.warm_spare,
     )
     agent = NodeAgent(config, store, default_policy(mode))
     coordinator = None

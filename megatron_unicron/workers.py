@@ -101,6 +101,11 @@ def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
+def bound_to_this_process() -> Callable[[], None]:
+    """The ``preexec_fn`` of every process an agent starts: it dies with the agent's thread."""
+    return _pdeathsig_preexec(os.getpid())
+
+
 def read_error_file(path: str) -> str:
     """First line of the exception a worker recorded in torch's error-file format, or ``""``."""
     try:
@@ -133,6 +138,7 @@ class WorkerProcess:
         attempt: int,
         error_file: str,
         on_exit: Callable[[WorkerProcess, WorkerExit], None],
+        process: subprocess.Popen[bytes] | None = None,
     ) -> None:
         self.rank = rank
         self.local_rank = local_rank
@@ -144,11 +150,12 @@ class WorkerProcess:
         self._exit: WorkerExit | None = None
         self._done = threading.Event()
         self._on_exit = on_exit
-        self._popen = subprocess.Popen(
+        # ``process``: a warm spare already handed this worker's environment (``spare.WarmSpare``).
+        self._popen = process if process is not None else subprocess.Popen(
             list(argv),
             env=dict(env),
             start_new_session=True,
-            preexec_fn=_pdeathsig_preexec(os.getpid()),
+            preexec_fn=bound_to_this_process(),
         )
         self.pid = self._popen.pid
         self._waiter = threading.Thread(target=self._wait, name=f"unicron-wait-rank{rank}", daemon=True)

@@ -5,9 +5,11 @@ when the layout is kept, fp32 reduction-order tolerance when it changes)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megatron_unicron.incident_log import read_log
@@ -76,6 +78,33 @@ def test_kills_and_a_hang_restart_from_dp_replicas_and_match_exactly(reference, 
         ("exited", "SEV2", "restart", [0], "resumed"),
     ]
     assert losses(tmp_path, "run") == curves["pp2dp2"]  # the layout was kept: bit-identical
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_rank_restarts_in_the_warm_spare_and_matches_exactly(tmp_path: Path) -> None:
+    # The node's spare starts once training runs; then rank 3 is SIGKILLed from outside, mid-training.
+    iters = 120
+    argv = [SCRIPT, *flags(tmp_path, "run", 1, 2, iters), *unicron(tmp_path, "run")]
+    with start_job(argv, nproc_per_node=4, timeout_s=400, launcher_args=UNICRON_LAUNCHER) as job:
+        job.wait_for_output("started a warm spare (pid ", timeout_s=200)
+        found = re.search(r"started a warm spare \(pid (\d+)\)", job.read_output())
+        assert found is not None
+        spare = int(found.group(1))
+        (victim,) = [p for p in map(psutil.Process, job.worker_pids())
+                     if p.environ().get("RANK") == "3" and "megatron_unicron.spare" not in p.cmdline()]
+        victim.kill()
+        result = job.wait()
+    check(result)
+    assert f"restarting rank 3 in the warm spare (pid {spare})" in result.stderr, result.stderr[-4000:]
+    (incident,) = incidents(tmp_path, "run")
+    outcome = (incident["root_kind"], incident["severity"], incident["action"], incident["ranks"])
+    assert outcome == ("exited", "SEV2", "restart", [3]) and incident["outcome"] == "resumed", incident
+    reference_run = [SCRIPT, *flags(tmp_path, "ref", 1, 2, iters), "--unicron"]
+    cold = ("--unicron", "--no-warm-spare")
+    reference = run_job(reference_run, nproc_per_node=4, timeout_s=300, launcher_args=cold)
+    check(reference)
+    assert "warm spare" not in reference.stderr
+    assert losses(tmp_path, "run") == losses(tmp_path, "ref")  # the layout was kept: bit-identical
 
 
 @pytest.mark.timeout(900)
