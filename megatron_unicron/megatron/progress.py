@@ -102,6 +102,7 @@ class TrainingReporter:
         self._progress_stream = stream if stream.isatty() else None
         self._progress: IO[str] | None = None
         self._interval: list[IterationStats] = []
+        self._last_recorded = 0
         self._skipped = 0
         self._nan = 0
         self._start = time.monotonic()
@@ -122,12 +123,31 @@ class TrainingReporter:
         if self._metrics is not None:
             self._metrics.write(json.dumps(asdict(stats)) + "\n")
             self._metrics.flush()
+        self._last_recorded = stats.iteration
         self._interval.append(stats)
         self._skipped += int(stats.skipped)
         self._nan += int(math.isnan(stats.lm_loss))
         if stats.iteration % self.log_interval == 0 or stats.iteration == self.train_iters:
             self._print_interval()
         self._draw_progress(stats)
+
+    def catch_up(self, stats: IterationStats) -> None:
+        """Record an iteration another process finished and may not have logged (it died, or the layout
+        changed which rank reports). The metrics log says whether it was; without one the line is printed,
+        possibly a second time."""
+        if self.enabled and stats.iteration > max(self._last_recorded, self._last_in_metrics_log()):
+            self.record(stats)
+
+    def _last_in_metrics_log(self) -> int:
+        if not self._metrics_path:
+            return 0
+        try:
+            with open(self._metrics_path, "rb") as log:
+                log.seek(max(0, log.seek(0, 2) - 4096))
+                lines = log.read().splitlines()
+            return int(json.loads(lines[-1])["iteration"]) if lines else 0
+        except (OSError, ValueError, KeyError):  # no log yet, or a line torn by a kill
+            return 0
 
     def _print_interval(self) -> None:
         done = [s for s in self._interval if not s.skipped and not math.isnan(s.lm_loss)]

@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -126,6 +127,10 @@ class Trainer:
         self.datasets: data.Datasets | None = None
         self.generation: Generation | None = None
         self.reporter: TrainingReporter | None = None
+        # The last iterations' results, so that a process that becomes the reporting rank in a transition
+        # can log an iteration whose reporting process died before logging it (``unreported``).
+        self.recent_stats: deque[IterationStats] = deque(maxlen=2)
+        self.unreported: IterationStats | None = None
         self.guard = StepGuard(enabled=args.unicron.enabled)
         self.build_seconds: dict[str, float] = {}  # of the last generation built: groups, model
         # Hooks of other parts (e.g. in-memory snapshots): before the optimizer step of an iteration,
@@ -292,9 +297,7 @@ class Trainer:
         self.progress.iteration += 1
         self.progress.consumed_train_samples += self.args.global_batch_size
         self.progress.floating_point_operations += gpt_flops_per_iteration(self.args, self.padded_vocab_size)
-        for hook in self.after_commit_hooks:
-            hook()
-        return IterationStats(
+        stats = IterationStats(
             iteration=self.progress.iteration,
             lm_loss=loss,
             grad_norm=float(grad_norm) if grad_norm is not None else None,
@@ -307,6 +310,10 @@ class Trainer:
             loss_scale=float(bundle.optimizer.get_loss_scale().item()),
             time=time.time(),
         )
+        self.recent_stats.append(stats)
+        for hook in self.after_commit_hooks:
+            hook()
+        return stats
 
     def evaluate(self) -> float | None:
         """``--eval-iters`` forward-only global batches of the validation set; the mean loss."""
@@ -351,6 +358,7 @@ class Trainer:
         try:
             while self.progress.iteration < args.train_iters:
                 stats = run(self.train_step)
+                self._catch_up(before=stats.iteration)
                 self.reporter.record(stats)
                 if on_iteration is not None:
                     on_iteration(stats)
@@ -363,8 +371,15 @@ class Trainer:
                     break
             if args.save and not (args.save_interval and self.progress.iteration % args.save_interval == 0):
                 run(self.save_checkpoint)
+            self._catch_up(before=self.progress.iteration + 1)
         finally:
             self.reporter.close()
+
+    def _catch_up(self, before: int) -> None:
+        """Log the iteration a transition resumed after, if the process that reported it died first."""
+        missed, self.unreported = self.unreported, None
+        if missed is not None and missed.iteration < before and self.reporter is not None:
+            self.reporter.catch_up(missed)
 
     def _report_validation(self, iteration: int) -> None:
         loss = self.evaluate()

@@ -19,6 +19,7 @@ Every live process of the job runs :func:`run_transition` with the same :class:`
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import time
 from collections import defaultdict
@@ -48,6 +49,7 @@ from megatron_unicron.transition.transfer_plan import (
 
 if TYPE_CHECKING:
     from megatron_unicron.megatron.guard import StepGuard
+    from megatron_unicron.megatron.progress import IterationStats
     from megatron_unicron.megatron.train import Trainer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class _Post:
     scheduler: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     rng: RngState | None = None
+    recent_stats: list[IterationStats] = field(default_factory=list)
 
 
 class _Posts:
@@ -180,6 +183,7 @@ def _capture(
         scheduler=gen.bundle.scheduler.state_dict(),
         progress=vars(trainer.progress).copy(),
         rng=RngState.capture() if not broken else guard.iteration_start,
+        recent_stats=list(trainer.recent_stats),
     )
     return captured, flat, step, (c.tp_size, c.pp_size, c.tp_rank, c.pp_rank), own
 
@@ -266,6 +270,12 @@ def _load(
     restore_scheduler(bundle.scheduler, scheduler)
     for name, value in progress.items():
         setattr(trainer.progress, name, value)
+    # Only last-stage ranks hold the loss (elsewhere it is NaN); the reported loss is reduced over DP.
+    trainer.unreported = next(
+        (s for p in current for s in p.recent_stats
+         if s.iteration == trainer.progress.iteration and not math.isnan(s.lm_loss)),
+        None,
+    )  # fmt: skip
     same_position = [p.rng for p in current if p.coords == position]
     for rng in [*same_position, snap.rng if snap else None]:
         if rng is not None:
