@@ -248,6 +248,12 @@ class Coordinator:
         if decision is None:
             self.emit(f"unicron: {what} back; the job keeps {self.settings.layout} (no larger layout)")
             return
+        last = self.settings.train_iters
+        if last is not None and decision.at_iteration is not None and decision.at_iteration >= last:
+            # Members switch before an iteration; after the last one there is none to switch before.
+            self.emit(f"unicron: {what} back; the job keeps {self.settings.layout} (training ends at "
+                      f"iteration {last}, before a switch after iteration {decision.at_iteration})")
+            return
         self.channel.publish_decision(decision)
         self.emit(f"unicron: {what} back -> {decision.action.value} to {decision.layout} on "
                   f"{len(decision.members)} ranks after iteration {decision.at_iteration}")

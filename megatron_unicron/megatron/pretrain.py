@@ -86,7 +86,12 @@ def job_config(args: MegatronArgs, env: WorkerEnv, vocab_size: int) -> dict[str,
 
 
 def _injector(args: MegatronArgs, env: WorkerEnv, trainer: Trainer, channel: JobChannel | None) -> object:
-    from megatron_unicron.testing.injector import FaultInjector, close_peer_sockets, schedule_from
+    from megatron_unicron.testing.injector import (
+        FaultInjector,
+        close_peer_sockets,
+        flip_a_byte,
+        schedule_from,
+    )
 
     schedule = schedule_from(args.unicron.inject)
     if not schedule or (channel is None and env.restart_count > 0):
@@ -101,6 +106,7 @@ def _injector(args: MegatronArgs, env: WorkerEnv, trainer: Trainer, channel: Job
         env.rank,
         mark_fired=(lambda spec, record: channel.claim_fault(spec.index, record)) if channel else None,
         close_connections=close_connections,
+        corrupt_transfer=lambda: setattr(trainer, "transfer_tamper", flip_a_byte),
     )
     trainer.phases.listeners.append(injector)
     return injector

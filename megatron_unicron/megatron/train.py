@@ -138,6 +138,8 @@ class Trainer:
         self.before_step_hooks: list[Callable[[], None]] = []
         self.after_commit_hooks: list[Callable[[], None]] = []
         self.snapshots: SnapshotService | None = None  # in-memory snapshots, set by their service
+        # Alters what this process sends in its next transition (the fault injector's ``corrupt``).
+        self.transfer_tamper: Callable[[torch.Tensor], None] | None = None
 
     def vocab_size_for(self, tp: int) -> int:
         """Megatron-LM's padded vocabulary for a TP degree (the padding depends on TP)."""

@@ -10,6 +10,8 @@ backward, allreduce, optimizer, p2p, save (default forward). KIND is:
   workers die with it, as a lost node), ``close`` (shut down the rank's connections to its peers, not
   the one to the job's store, then fail: the peers see ``Connection closed by peer`` at once, as when
   a link drops, while the rank's process groups stay registered for the recovery to abandon);
+  ``corrupt`` (the next state this rank sends in a transition arrives corrupted: a byte flipped after
+  its checksum, as bad memory or a bad link would; pair it with a fault that causes a transition);
 * one per error type: ``nccl-timeout``, ``ecc``, ``nvlink``, ``network``, ``link-flap``, ``other``,
   ``illegal-memory``, ``dma``, ``conn-refused``, ``cuda``, ``conn-reset``, ``driver``: raised as an
   :class:`InjectedFault` carrying a real error text of that kind.
@@ -29,17 +31,20 @@ import socket
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_unicron.errors import ConfigError
 from megatron_unicron.events import ErrorKind, Phase
 from megatron_unicron.taxonomy import error_text
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "UNICRON_INJECT"
 EXIT_CODE = 13
-PROCESS_KINDS = ("kill", "exit", "hang", "slow", "node", "close")
+PROCESS_KINDS = ("kill", "exit", "hang", "slow", "node", "close", "corrupt")
 ERROR_KINDS = tuple(
     k.value for k in ErrorKind if k not in (ErrorKind.TASK_HANG, ErrorKind.EXITED, ErrorKind.LOST_NODE)
 )
@@ -80,7 +85,7 @@ def parse_spec(text: str, index: int = 0) -> FaultSpec:
             raise ConfigError(f"fault spec {text!r}: slow=FACTOR must be >= 1")
         kind = "slow"
     if kind not in PROCESS_KINDS + ERROR_KINDS:
-        choices = ", ".join(PROCESS_KINDS[:-2] + ("slow=F",) + PROCESS_KINDS[-2:] + ERROR_KINDS)
+        choices = ", ".join("slow=F" if k == "slow" else k for k in PROCESS_KINDS + ERROR_KINDS)
         raise ConfigError(f"fault spec {text!r}: unknown kind {kind!r}; choose one of {choices}")
     try:
         rank, iteration = int(parts[1]), int(parts[2])
@@ -143,7 +148,8 @@ class FaultInjector:
     """Fires the faults scheduled for this rank when the worker enters their iteration and phase.
 
     ``mark_fired(spec, record) -> bool`` claims a fault job-wide (False: it fired before, e.g. before
-    this process was restarted); ``close_connections`` closes this rank's process groups (for ``close``).
+    this process was restarted); ``close_connections`` closes this rank's process groups (for ``close``);
+    ``corrupt_transfer`` makes the next transfer this rank sends arrive corrupted (for ``corrupt``).
     """
 
     def __init__(
@@ -153,11 +159,13 @@ class FaultInjector:
         *,
         mark_fired: Callable[[FaultSpec, dict[str, Any]], bool] | None = None,
         close_connections: Callable[[], None] | None = None,
+        corrupt_transfer: Callable[[], None] | None = None,
     ) -> None:
         self.pending = [spec for spec in schedule if spec.rank == rank]
         self.rank = rank
         self.mark_fired = mark_fired
         self.close_connections = close_connections
+        self.corrupt_transfer = corrupt_transfer
         self.fired: collections.Counter[str] = collections.Counter()
         self.slow_factor = 1.0
         self.t_fault: float | None = None
@@ -195,9 +203,18 @@ class FaultInjector:
             if self.close_connections is not None:
                 self.close_connections()
             raise InjectedFault(error_text(ErrorKind.CONN_RESET) + " (this rank closed its connections)")
+        elif spec.kind == "corrupt":
+            if self.corrupt_transfer is not None:
+                self.corrupt_transfer()
         else:
             raise InjectedFault(error_text(ErrorKind(spec.kind)))
 
     def delay_for(self, iteration_seconds: float) -> float:
         """Extra seconds a slowed rank waits after an iteration that took ``iteration_seconds``."""
         return (self.slow_factor - 1.0) * iteration_seconds
+
+
+def flip_a_byte(payload: torch.Tensor) -> None:
+    """Corrupt a uint8 payload in place, as one flipped bit in transit would."""
+    if payload.numel():
+        payload[payload.numel() // 2] ^= 1

@@ -12,12 +12,16 @@ Every live process of the job runs :func:`run_transition` with the same :class:`
 4. Every live process *posts* what it holds (and members what they need) to the store; all compute the
    same nearest-copy plan (:mod:`megatron_unicron.transition.transfer_plan`).
 5. The *exchange* runs over a private gloo channel of all live processes (spares serve too), every
-   piece checksummed; members load the result, and the trainer-level state (data position, LR schedule,
-   RNG of the same (TP, PP) position when the TP/PP degrees are unchanged).
+   piece checksummed. Every process posts which sources sent it a buffer that failed its checksum; if
+   any did, all plan again without those ranks (the next replica, else snapshots, else the checkpoint)
+   and exchange again. Then members load the result, and the trainer-level state (data position, LR
+   schedule, RNG of the same (TP, PP) position when the TP/PP degrees are unchanged).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import math
 import pickle
@@ -99,6 +103,11 @@ class _Posts:
 
     def put(self, step: str, rank: int, value: Any) -> None:
         self.store.set(f"{self.prefix}/{step}/{rank}", pickle.dumps(value))
+
+    def exchange(self, step: str, rank: int, count: int, value: Any) -> dict[int, Any]:
+        """Post ``value`` for ``rank`` and return every one of the ``count`` processes' posts."""
+        self.put(step, rank, value)
+        return self.gather(step, list(range(count)))
 
     def gather(self, step: str, ranks: list[int]) -> dict[int, Any]:
         keys = [f"{self.prefix}/{step}/{r}" for r in ranks]
@@ -352,47 +361,61 @@ def run_transition(
     everyone: dict[int, _Post] = posts.gather("state", list(range(len(live))))
     rank_node = {r: p.node for r, p in everyone.items()}
     holdings, needs, flat_holdings, flat_needs = _plan_inputs(everyone)
-    resume, filled = target, None
-    try:
-        pieces: list[Any] = list(plan_transfer(holdings, needs, rank_node).pieces)
-        pieces.extend(plan_flat(flat_holdings, flat_needs, rank_node))
-    except UncoveredError as uncovered:
-        # Live copies leave a hole (e.g. a dead rank without a DP replica). Every process sees the same hole
-        # and takes the same next rungs: snapshots of this iteration; else every member rolls back to the
-        # newest snapshots that cover everything; else all reload the newest persistent checkpoint.
-        # Snapshots do not hold DistributedOptimizer shards (snapshot.service refuses that combination).
-        def share(offer: ladder.SnapshotOffer | None) -> dict[int, ladder.SnapshotOffer | None]:
-            posts.put("snapshots", me, offer)
-            return posts.gather("snapshots", list(range(len(live))))
-
-        first = {r: len(p.holdings) + len(p.flat_holdings) for r, p in everyone.items()}
-        if not flat_needs:
-            filled = ladder.fill_hole(trainer, decision, launch_rank=launch_rank, node=node, target=target,
-                                      live=holdings, needs=needs, rank_node=rank_node, first_index=first,
-                                      share=share)  # fmt: skip
-        if filled is None:
-            lap("plan")
-            return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))
-        pieces, resume = list(filled.plan.pieces), filled.resume
-        if resume != target:
-            logger.warning("unicron: %s; every member rolls back to the snapshots of iteration %d",
-                           uncovered, resume)  # fmt: skip
-    if me == 0 and max(committed.values()) > resume and trainer.snapshots is not None:
-        ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, resume)
-    lap("plan")
-
-    channel: Any = None
-    if exchange.pairs(pieces):
-        channel = dist.ProcessGroupGloo(
-            dist.PrefixStore(f"{posts.prefix}/channel", trainer.store.c10d_store), me, len(live), timeout
-        )
     views = _target_views(everyone, me, targets, flat_needs_local)
-    sources = [*(captured.tensors if captured else []),
-               *(flat_holdings_local[1] if flat_holdings_local else []),
-               *(filled.tensors if filled else [])]  # fmt: skip
-    stats = exchange.execute(pieces, me, sources, views, channel=channel, timeout=timeout)
-    del channel
-    lap("transfer")
+    own_sources = [*(captured.tensors if captured else []),
+                   *(flat_holdings_local[1] if flat_holdings_local else [])]  # fmt: skip
+    excluded: frozenset[int] = frozenset()  # ranks whose state failed its checksum in an earlier round
+    received = 0
+    for round_ in itertools.count():
+        usable = [h for h in holdings if h.rank not in excluded]
+        resume, filled = target, None
+        try:
+            pieces: list[Any] = list(plan_transfer(usable, needs, rank_node).pieces)
+            pieces.extend(plan_flat(flat_holdings, flat_needs, rank_node, excluded_ranks=excluded))
+        except UncoveredError as uncovered:
+            # Live copies leave a hole (e.g. a dead rank without a DP replica). Every process sees the same
+            # hole and takes the same next rungs: snapshots of this iteration; else every member rolls back
+            # to the newest snapshots that cover everything; else all reload the newest persistent
+            # checkpoint. Snapshots do not hold DistributedOptimizer shards (snapshot.service refuses that).
+            share = functools.partial(posts.exchange, f"snapshots.{round_}", me, len(live))
+            first = {r: len(p.holdings) + len(p.flat_holdings) for r, p in everyone.items()}
+            if not flat_needs:
+                filled = ladder.fill_hole(trainer, decision, launch_rank=launch_rank, node=node,
+                                          target=target, live=usable, needs=needs, rank_node=rank_node,
+                                          first_index=first, share=share)  # fmt: skip
+            if filled is None:
+                lap("plan")
+                return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))
+            pieces, resume = list(filled.plan.pieces), filled.resume
+            if resume != target:
+                logger.warning("unicron: %s; every member rolls back to the snapshots of iteration %d",
+                               uncovered, resume)  # fmt: skip
+        if me == 0 and max(committed.values()) > resume and trainer.snapshots is not None:
+            ladder.record_rollback(trainer.store, trainer.env.job, decision.generation, resume)
+        lap("plan" if round_ == 0 else f"plan{round_}")
+
+        channel: Any = None
+        if exchange.pairs(pieces):
+            channel = dist.ProcessGroupGloo(
+                dist.PrefixStore(f"{posts.prefix}/channel{round_}", trainer.store.c10d_store), me, len(live),
+                timeout,
+            )  # fmt: skip
+        sources = [*own_sources, *(filled.tensors if filled else [])]
+        tamper, trainer.transfer_tamper = trainer.transfer_tamper, None  # an injected fault fires once
+        stats = exchange.execute(pieces, me, sources, views, channel=channel, timeout=timeout, tamper=tamper)
+        del channel
+        received += stats.received_bytes
+        lap("transfer" if round_ == 0 else f"transfer{round_}")
+        # Verified before anything is loaded: every process learns which sources failed their checksum.
+        verdicts = posts.exchange(f"verified.{round_}", me, len(live), stats.corrupt_sources)
+        suspects = frozenset(r for bad in verdicts.values() for r in bad)
+        if not suspects:
+            break
+        why = f"state from rank(s) {sorted(suspects)} failed its checksum"
+        if filled is not None or suspects <= excluded:  # the snapshots were the fallback already
+            return _from_checkpoint(trainer, decision, new_rank, seconds, lap, why)
+        logger.warning("unicron: %s; planning the transfer again without them", why)
+        excluded |= suspects
 
     if targets is not None and trainer.generation is not None:
         # Live state is of the agreed iteration: on a rollback only snapshots hold the state to resume.
@@ -411,7 +434,7 @@ def run_transition(
         member=new_rank is not None,
         resume_iteration=resume,
         seconds=seconds,
-        bytes_moved=stats.received_bytes,
+        bytes_moved=received,
         bytes_needed=needed,
         bytes_by_tier=dict(by_tier),
     )

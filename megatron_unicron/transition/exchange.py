@@ -2,16 +2,16 @@
 
 For every (source, destination) pair of the plan the source packs its pieces, in plan order, into one
 byte buffer and sends it with a CRC32 checksum; the destination checks the checksum before unpacking.
-Pieces a rank serves to itself are plain copies. A checksum mismatch raises
-:class:`CorruptTransferError` naming the source, so the caller can exclude it and fall back to the next
-source of the ladder.
+Pieces a rank serves to itself are plain copies. A buffer that fails its checksum is not unpacked; its
+source is listed in :attr:`ExchangeStats.corrupt_sources`, so the caller can exclude that source and
+fall back to the next rung of the ladder.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,12 +24,7 @@ from megatron_unicron.transition.transfer_plan import Box, Piece
 AnyPiece = Piece | FlatPiece
 
 
-class CorruptTransferError(RuntimeError):
-    """A received buffer does not match the checksum its source computed."""
-
-    def __init__(self, source_rank: int, message: str) -> None:
-        super().__init__(message)
-        self.source_rank = source_rank
+Tamper = Callable[[torch.Tensor], None]  # alters a payload after its checksum (fault injection)
 
 
 @dataclass(frozen=True)
@@ -41,6 +36,7 @@ class ExchangeStats:
     local_bytes: int
     messages: int
     seconds: float
+    corrupt_sources: tuple[int, ...] = ()  # ranks whose buffers failed their checksum (not unpacked)
 
 
 def _slices(box: Box) -> tuple[slice, ...]:
@@ -110,6 +106,7 @@ def execute(
     *,
     channel: dist.ProcessGroup | None,
     timeout: timedelta = timedelta(seconds=60),
+    tamper: Tamper | None = None,
 ) -> ExchangeStats:
     """Run this rank's part of a plan's ``pieces``: ``sources`` by holding index, ``targets`` by need index.
 
@@ -117,6 +114,7 @@ def execute(
     that is not registered with torch.distributed, so ranks outside the training world can serve);
     it may be None when the plan has no transfer between processes. A receiver sizes each buffer from
     its own targets; a header message (tag 0) carries the checksum and length of the payload (tag 1).
+    ``tamper`` alters every payload this rank sends after its checksum was taken (fault injection).
     """
     started = time.perf_counter()
     local_bytes = 0
@@ -135,6 +133,8 @@ def execute(
         if src == rank:
             payload = _pack([p for p in pieces if (p.src_rank, p.dst_rank) == (src, dst)], sources)
             header = torch.tensor([checksum(payload), payload.numel()], dtype=torch.int64)
+            if tamper is not None:
+                tamper(payload)
             works.append(channel.send([header], dst, 0))
             works.append(channel.send([payload], dst, 1))
             sent += payload.numel()
@@ -148,12 +148,12 @@ def execute(
     for work in works:
         work.wait(timeout)
     received = 0
+    corrupt = []
     for src, header, buffer, incoming in receives:
         expected_sum, expected_len = int(header[0]), int(header[1])
         if expected_len != buffer.numel() or checksum(buffer) != expected_sum:
-            raise CorruptTransferError(
-                src, f"state received from rank {src} fails its checksum ({buffer.numel()} bytes)"
-            )
+            corrupt.append(src)
+            continue
         _unpack(buffer, incoming, targets)
         received += buffer.numel()
     return ExchangeStats(
@@ -162,4 +162,5 @@ def execute(
         local_bytes=local_bytes,
         messages=len(works),
         seconds=time.perf_counter() - started,
+        corrupt_sources=tuple(corrupt),
     )

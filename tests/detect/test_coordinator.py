@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_unicron.coordinator import Coordinator
-from megatron_unicron.events import Action, ErrorKind, FaultEvent
+from megatron_unicron.events import Action, Decision, ErrorKind, FaultEvent, LayoutSpec
 from megatron_unicron.incident_log import read_log
 from megatron_unicron.incidents import RUNNING, STOPPED, WorkerState
 from megatron_unicron.protocol import JobChannel
@@ -306,3 +306,25 @@ def test_an_invalid_config_stops_the_job(store):
     channel.post_config({"world_size": 3, "layout": {"tp": 2, "pp": 1, "dp": 1}})
     Coordinator(channel, nodes=["node0"], rank_node={0: "node0"}).poll()
     assert "config is invalid" in channel.stopped()["reason"]
+
+
+@pytest.mark.parametrize("iteration, switches", [(10, True), (18, False)])
+def test_a_rank_back_too_late_for_a_switch_before_the_last_iteration_is_not_planned_in(
+    rig, iteration: int, switches: bool
+) -> None:
+    # Members switch before an iteration: a switch after iteration 21 of a 20-iteration job would leave
+    # the returning rank waiting for members that have finished.
+    def scale_fn(state, what):
+        at = state.iteration + 3
+        return Decision(job=state.job, generation=state.generation + 1, action=Action.SCALE_UP,
+                        incident="back", layout=LayoutSpec(tp=1, pp=2, dp=2), members=(0, 1, 2, 3),
+                        live=(0, 1, 2, 3), resume_iteration=at, at_iteration=at)  # fmt: skip
+
+    rig.coordinator.scale_fn = scale_fn
+    rig.step()
+    for rank in range(4):
+        rig.channel.post_progress(rank, iteration, 0)
+    rig.coordinator._scale_up("rank(s) 3", [3])
+    assert (rig.channel.decision(1) is not None) is switches
+    if not switches:
+        assert any("training ends at iteration 20" in line for line in rig.lines), rig.lines

@@ -39,17 +39,16 @@ def worker(rank, port, corrupt_from, results):
     plan = plan_transfer(holdings, needs, rank_node)
     sources = [full[2 * rank : 2 * rank + 2].clone()]
     targets = [torch.zeros(6, 5)] if rank < 2 else []
-    if rank == corrupt_from:
-        real = exchange.checksum
-        exchange.checksum = lambda buffer: real(buffer) ^ 1  # what a flipped bit in transit looks like
-    try:
-        stats = exchange.execute(
-            plan.pieces, rank, sources, targets, channel=channel, timeout=timedelta(seconds=20)
-        )
-        ok = all(torch.equal(t, full[:, 5 * rank : 5 * rank + 5]) for t in targets)
-        results[rank] = ("ok", ok, stats.sent_bytes, stats.received_bytes, stats.local_bytes)
-    except exchange.CorruptTransferError as error:
-        results[rank] = ("corrupt", error.source_rank)
+    tamper = flip_first_byte if rank == corrupt_from else None
+    stats = exchange.execute(
+        plan.pieces, rank, sources, targets, channel=channel, timeout=timedelta(seconds=20), tamper=tamper
+    )
+    ok = all(torch.equal(t, full[:, 5 * rank : 5 * rank + 5]) for t in targets)
+    results[rank] = (ok, stats.sent_bytes, stats.received_bytes, stats.local_bytes, stats.corrupt_sources)
+
+
+def flip_first_byte(payload: torch.Tensor) -> None:
+    payload[0] ^= 1  # what a flipped bit in transit looks like
 
 
 def run(corrupt_from=-1):
@@ -73,17 +72,19 @@ def run(corrupt_from=-1):
 @pytest.mark.timeout(180)
 def test_exchange_delivers_every_slice_exactly():
     results = run()
-    assert results[0][:2] == ("ok", True) and results[1][:2] == ("ok", True)
+    assert results[0][0] and results[1][0]
     # rank 0 needs 2 rows x 5 cols from itself (local), 4 rows x 5 cols from ranks 1 and 2
-    assert results[0][4] == 2 * 5 * 4 and results[0][3] == 4 * 5 * 4
-    assert results[2][2] > 0  # the spare served its rows
+    assert results[0][3] == 2 * 5 * 4 and results[0][2] == 4 * 5 * 4
+    assert results[2][1] > 0  # the spare served its rows
+    assert all(r[4] == () for r in results.values())
 
 
 @pytest.mark.timeout(180)
 def test_corrupt_piece_is_detected_and_names_its_source():
     results = run(corrupt_from=2)
-    assert results[0] == ("corrupt", 2)
-    assert results[1] == ("corrupt", 2)
+    assert results[0][4] == (2,) and results[1][4] == (2,)
+    # what rank 1 sent was sound and unpacked; rank 2's rows were not
+    assert results[0][2] == 2 * 5 * 4 and not results[0][0]
 
 
 def test_no_channel_needed_when_everything_is_local():

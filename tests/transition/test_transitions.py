@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from megatron_unicron.incident_log import read_log
 from megatron_unicron.testing.harness import JobResult, assert_no_leaks, run_job, start_job
@@ -174,3 +175,76 @@ def test_planned_relayouts_in_the_same_processes(tmp_path: Path, start, chain, e
     assert [relaid[i] for i in range(4, 13)] == pytest.approx(
         [expected[i] for i in range(4, 13)], **TOLERANCE
     )
+
+
+@pytest.mark.timeout(600)
+def test_a_live_relayout_leaves_the_state_a_checkpoint_relayout_leaves(tmp_path: Path) -> None:
+    # Reference: train 3 iterations at TP2 PP2, save, reload the checkpoint at TP1 PP2 (resharding on
+    # load) and train on. The live re-layout after iteration 3 must leave the same state: the same next
+    # losses and, at the end, the same parameters and optimizer state, tensor by tensor.
+    from megatron_unicron.ckpt.source import open_checkpoint
+
+    live, switched = tmp_path / "live", tmp_path / "switched"
+    final = ("--save-interval", "6")
+    chain = [RELAYOUT, *flags(tmp_path, "live", 2, 2, 6, "--save", str(live), *final)]
+    check(run_job(chain, nproc_per_node=4, timeout_s=300, env={"RELAYOUT": "3:1,2"}))
+    stop_at_3 = ("--save-interval", "3", "--exit-interval", "3")
+    first = [SCRIPT, *flags(tmp_path, "before", 2, 2, 6, "--save", str(switched), *stop_at_3)]
+    check(run_job(first, nproc_per_node=4, timeout_s=300))
+    resume = ("--save", str(switched), *final, "--load", str(switched))
+    then = [SCRIPT, *flags(tmp_path, "after", 1, 2, 6, *resume)]
+    check(run_job(then, nproc_per_node=4, timeout_s=300))
+    relaid, before, after = losses(tmp_path, "live"), losses(tmp_path, "before"), losses(tmp_path, "after")
+    assert sorted(before) == [1, 2, 3] and sorted(after) == [4, 5, 6]
+    assert [relaid[i] for i in (1, 2, 3)] == [before[i] for i in (1, 2, 3)]
+    assert [relaid[i] for i in (4, 5, 6)] == pytest.approx([after[i] for i in (4, 5, 6)], **TOLERANCE)
+    with open_checkpoint(str(live)) as got, open_checkpoint(str(switched)) as want:
+        assert got.iteration == want.iteration == 6
+        assert set(got.tensors) == set(want.tensors)
+        assert any(k.startswith("optimizer.") for k in want.tensors)  # Adam moments compared too
+        for key in sorted(want.tensors):
+            a, b = got.full_tensor(key), want.full_tensor(key)
+            assert a.shape == b.shape, key
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (key, float((a - b).abs().max()))
+
+
+@pytest.mark.timeout(600)
+def test_a_corrupt_replica_is_dropped_and_the_next_rung_serves(tmp_path: Path) -> None:
+    # TP1 PP2 DP2: rank 3 is killed and its only live copy, rank 2, sends it corrupted state. The checksum
+    # catches it, every member learns it, and the transfer is planned again without rank 2: from the
+    # in-memory snapshots, the next rung. The loss curve is still that of the uninterrupted run.
+    faults = ("kill:3:8:forward", "corrupt:2:8:forward")
+    snapshots = ("--unicron-snapshot-interval", "1")
+    argv = [SCRIPT, *flags(tmp_path, "run", 1, 2, 14), *unicron(tmp_path, "run", *faults), *snapshots]
+    result = run_job(argv, nproc_per_node=4, timeout_s=400, launcher_args=UNICRON_LAUNCHER)
+    check(result)
+    assert "unicron-inject: fired corrupt:2:8" in result.stderr
+    assert "state from rank(s) [2] failed its checksum; planning the transfer again" in result.stderr
+    assert "reloads the newest checkpoint" not in result.stderr
+    (incident,) = incidents(tmp_path, "run")
+    outcome = (incident["root_kind"], incident["action"], incident["ranks"], incident["outcome"])
+    assert outcome == ("exited", "restart", [3], "resumed")
+    plain = [SCRIPT, *flags(tmp_path, "ref", 1, 2, 14), "--unicron"]
+    check(run_job(plain, nproc_per_node=4, timeout_s=300, launcher_args=UNICRON_LAUNCHER))
+    assert losses(tmp_path, "run") == losses(tmp_path, "ref")  # the layout was kept: bit-identical
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_rank_of_a_distributed_optimizer_job_comes_back_from_the_checkpoint(tmp_path: Path) -> None:
+    # The DistributedOptimizer keeps one copy of each optimizer shard (no DP replica holds the dead
+    # rank's), and snapshots leave it out: the only rung left is the checkpoint, which every member
+    # reloads; the loss curve is still that of the uninterrupted run.
+    distopt = ("--use-distributed-optimizer", "--save-interval", "5")
+    ckpt = ("--save", str(tmp_path / "ckpt"))
+    argv = [SCRIPT, *flags(tmp_path, "run", 1, 2, 12, *distopt, *ckpt), *unicron(tmp_path, "run", "kill:3:8")]
+    result = run_job(argv, nproc_per_node=4, timeout_s=400, launcher_args=UNICRON_LAUNCHER)
+    check(result)
+    assert "unicron-inject: fired kill:3:8" in result.stderr
+    assert "every member reloads the newest checkpoint" in result.stderr
+    (incident,) = incidents(tmp_path, "run")
+    outcome = (incident["root_kind"], incident["action"], incident["ranks"], incident["outcome"])
+    assert outcome == ("exited", "restart", [3], "resumed")
+    ref_ckpt = ("--save", str(tmp_path / "ref"))
+    plain = [SCRIPT, *flags(tmp_path, "ref", 1, 2, 12, *distopt, *ref_ckpt), "--unicron"]
+    check(run_job(plain, nproc_per_node=4, timeout_s=300, launcher_args=UNICRON_LAUNCHER))
+    assert losses(tmp_path, "run") == losses(tmp_path, "ref")
