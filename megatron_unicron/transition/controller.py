@@ -317,8 +317,7 @@ def run_transition(
     me = live.index(launch_rank)
     posts = _Posts(trainer.store, f"/unicron/{trainer.env.job}/transition/gen{decision.generation}", timeout)
     has_state = trainer.generation is not None
-    posts.put("committed", me, trainer.progress.iteration if has_state else -1)
-    committed = posts.gather("committed", list(range(len(live))))
+    committed = posts.exchange("committed", me, len(live), trainer.progress.iteration if has_state else -1)
     target = min(c for c in committed.values() if c >= 0)
     if has_state:
         _align(trainer, guard, target, in_flight=broken)
@@ -357,8 +356,7 @@ def run_transition(
         adam_step=adam_step,
         **own,
     )
-    posts.put("state", me, post)
-    everyone: dict[int, _Post] = posts.gather("state", list(range(len(live))))
+    everyone: dict[int, _Post] = posts.exchange("state", me, len(live), post)
     rank_node = {r: p.node for r, p in everyone.items()}
     holdings, needs, flat_holdings, flat_needs = _plan_inputs(everyone)
     views = _target_views(everyone, me, targets, flat_needs_local)
@@ -367,10 +365,10 @@ def run_transition(
     excluded: frozenset[int] = frozenset()  # ranks whose state failed its checksum in an earlier round
     received = 0
     for round_ in itertools.count():
-        usable = [h for h in holdings if h.rank not in excluded]
         resume, filled = target, None
         try:
-            pieces: list[Any] = list(plan_transfer(usable, needs, rank_node).pieces)
+            plan = plan_transfer(holdings, needs, rank_node, excluded_ranks=excluded)
+            pieces: list[Any] = list(plan.pieces)
             pieces.extend(plan_flat(flat_holdings, flat_needs, rank_node, excluded_ranks=excluded))
         except UncoveredError as uncovered:
             # Live copies leave a hole (e.g. a dead rank without a DP replica). Every process sees the same
@@ -378,6 +376,7 @@ def run_transition(
             # to the newest snapshots that cover everything; else all reload the newest persistent
             # checkpoint. Snapshots do not hold DistributedOptimizer shards (snapshot.service refuses that).
             share = functools.partial(posts.exchange, f"snapshots.{round_}", me, len(live))
+            usable = [h for h in holdings if h.rank not in excluded]  # their snapshots may still serve
             first = {r: len(p.holdings) + len(p.flat_holdings) for r, p in everyone.items()}
             if not flat_needs:
                 filled = ladder.fill_hole(trainer, decision, launch_rank=launch_rank, node=node,
