@@ -103,9 +103,15 @@ class UnicronConfig:
     """While a restarted process comes back, the intact DP replicas train on if at least N are left
     (1: even a single copy, as torchft does; a second fault meanwhile then needs a snapshot or checkpoint)."""
 
+    device_memory_gib: float = 0.0
+    """Memory of one device, in GiB, that new layouts must fit when the job is re-planned (0: the CUDA
+    device's own, or the plan generator's CPU preset without CUDA)."""
+
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self) -> None:
+        _require(self.device_memory_gib >= 0, "device_memory_gib", self.device_memory_gib,
+                 "must be 0 (the device's own) or a positive number of GiB")
         for name in ("snapshot_interval", "persist_interval"):
             value = getattr(self, name)
             _require(value >= 0, name, value, "must be 0 (never) or a positive number of iterations")

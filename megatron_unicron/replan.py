@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from megatron_unicron.decisions import JobState, PlanFn, ShrinkFn
@@ -43,6 +43,8 @@ class JobShape:
     gpus_per_node: int
     use_distributed_optimizer: bool = False
     precision: str = "fp32"
+    device_memory_bytes: float | None = None
+    """The memory a layout must fit on each device (None: the CPU preset's)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> JobShape:
@@ -66,6 +68,7 @@ class JobShape:
             gpus_per_node=config["gpus_per_node"],
             use_distributed_optimizer=config.get("use_distributed_optimizer", False),
             precision=config.get("precision", "fp32"),
+            device_memory_bytes=config.get("device_memory_bytes"),
         )
 
 
@@ -78,6 +81,8 @@ def choose_layout(
 ) -> LayoutSpec | None:
     """The layout for ``available`` processes, or None when the job fits on none of them."""
     device = DEVICE_PRESETS["cpu"]
+    if shape.device_memory_bytes is not None:
+        device = replace(device, memory_bytes=shape.device_memory_bytes)
     memory = MemoryOptions(
         precision=shape.precision,  # type: ignore[arg-type]
         use_distributed_optimizer=shape.use_distributed_optimizer,

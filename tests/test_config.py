@@ -57,7 +57,7 @@ def test_unknown_keys_are_rejected_with_a_suggestion() -> None:
     assert build_error({"snapshot_intervall": 3}) == (
         "unknown key 'unicron.snapshot_intervall' in job.yaml (did you mean 'snapshot_interval'?); "
         "supported keys under unicron: enabled, metrics_log, transition_log, incident_log, inject, "
-        "snapshot_interval, persist_interval, restart_min_replicas, detection")
+        "snapshot_interval, persist_interval, restart_min_replicas, device_memory_gib, detection")
     assert build_error({"detection": {"lease_tl_s": 2}}).startswith(
         "unknown key 'unicron.detection.lease_tl_s' in job.yaml (did you mean 'lease_ttl_s'?)")
 
@@ -93,6 +93,7 @@ def test_every_leaf_is_a_flag_and_a_yaml_key() -> None:
     expected = {"--unicron", "--unicron-metrics-log", "--unicron-incident-log", "--unicron-inject",
                 "--unicron-transition-log",
                 "--unicron-snapshot-interval", "--unicron-persist-interval", "--unicron-restart-min-replicas",
+                "--unicron-device-memory-gib",
                 "--unicron-detection-lease-interval-s", "--unicron-detection-lease-ttl-s",
                 "--unicron-detection-slow-factor", "--unicron-detection-warmup-floor-s",
                 "--unicron-detection-grace-window-s", "--unicron-detection-min-timeout-s",

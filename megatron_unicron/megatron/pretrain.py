@@ -49,6 +49,17 @@ def configure_logging(rank: int) -> None:
     logging.getLogger("megatron.core.datasets.gpt_dataset").setLevel(logging.ERROR)
 
 
+def _device_memory_bytes(configured_gib: float) -> float | None:
+    """The device memory new layouts must fit: as configured, else the CUDA device's, else None."""
+    if configured_gib > 0:
+        return configured_gib * 2**30
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return None
+
+
 def job_config(args: MegatronArgs, env: WorkerEnv, vocab_size: int) -> dict[str, object]:
     """What the coordinator needs to know about the job (posted once by launch rank 0)."""
     incident_log = args.unicron.incident_log or os.path.join(
@@ -70,6 +81,7 @@ def job_config(args: MegatronArgs, env: WorkerEnv, vocab_size: int) -> dict[str,
         "restart_min_replicas": args.unicron.restart_min_replicas,
         "use_distributed_optimizer": args.use_distributed_optimizer,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "device_memory_bytes": _device_memory_bytes(args.unicron.device_memory_gib),
         "model": {
             "num_layers": args.num_layers,
             "hidden_size": args.hidden_size,
