@@ -12,7 +12,9 @@ SEV2       ``restart``: generation g+1 with the same members; ``restart`` = the 
            when one of those processes is still alive, e.g. a stopped one)
 SEV1       ``plan_fn(job_state, lost_nodes)`` when given (the seam for live reconfiguration), with
            ``job_state.live`` the survivors: live ranks minus the lost nodes' ranks, the dead
-           processes and the root's rank (its device failed, or it kept failing); without a plan_fn,
+           processes and the root's rank (its device failed, or it kept failing); an excluded process
+           that is hung or stopped is killed by its agent, ``{"op": "kill", "ranks": [...],
+           "generation": g+1}`` (it could not leave by itself); without a plan_fn,
            or when it returns None: ``stop``, with a reason naming the lost node (or the failed
            device's rank) and the newest checkpoint (``<save>/latest_checkpointed_iteration.txt``)
 =========  ==========================================================================================
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megatron_unicron.events import Action, Decision, ErrorKind, LayoutSpec, Severity
-from megatron_unicron.incidents import Incident, JobSettings, WorkerState
+from megatron_unicron.incidents import STOPPED, Incident, JobSettings, WorkerState
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -195,11 +197,32 @@ def decide(
         if planned is not None:
             planned = replace(planned, incident=str(incident.id))
             return Verdict(incident=incident, decision=planned, ranks=_ranks_of(incident, settings),
-                           node=root.node)
+                           node=root.node, commands=_kill_hung(incident, settings, states, excluded,
+                                                               lost, generation + 1))
     reason, checkpoint = stop_reason(incident, settings)
     return Verdict(incident=incident, decision=make(Action.STOP, reason, keep=(), alive=survivors),
                    ranks=_ranks_of(incident, settings), node=root.node, stop_reason=reason,
                    checkpoint=checkpoint)
+
+
+def _kill_hung(
+    incident: Incident, settings: JobSettings, states: Mapping[int, WorkerState], excluded: set[int],
+    lost: frozenset[str], generation: int,
+) -> dict[str, dict[str, Any]]:
+    """Agent commands killing the excluded processes that cannot leave by themselves: hung or stopped.
+
+    A rank the new layout leaves out reads the decision and exits; a stopped or hung one never would,
+    and its node's agent would wait for it forever.
+    """
+    hung = {e.rank for e in incident.events if e.kind is ErrorKind.TASK_HANG and e.rank is not None}
+    hung |= {r for r, state in states.items() if state.status == STOPPED}
+    commands: dict[str, dict[str, Any]] = {}
+    for rank in sorted(hung & excluded):
+        node = settings.rank_node.get(rank)
+        if node is None or node in lost or not _alive(rank, states):
+            continue
+        commands.setdefault(node, {"op": "kill", "ranks": [], "generation": generation})["ranks"].append(rank)
+    return commands
 
 
 def _ranks_of(incident: Incident, settings: JobSettings) -> tuple[int, ...]:

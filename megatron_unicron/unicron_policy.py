@@ -108,7 +108,11 @@ class UnicronPolicy(ExitPolicy):
             return None
         if alive:
             return None
-        failed = _failed(agent, self._excluded)
+        # A rank that failed and that the newest decision left out was dealt with: the job went on
+        # without it, so its exit does not fail the node.
+        live = self._newest_live(channel)
+        dropped = {w.rank for w in agent.workers.values() if live is not None and w.rank not in live}
+        failed = _failed(agent, self._excluded | dropped)
         if not failed:
             return Ending(Outcome.SUCCEEDED)
         if channel.is_done():
@@ -123,14 +127,21 @@ class UnicronPolicy(ExitPolicy):
         return any(rank in command.get("ranks", ()) for command in self._commands[self._executed:])
 
     @staticmethod
-    def _left_the_job(channel: JobChannel, rank: int) -> bool:
-        """Whether the newest decision excludes ``rank`` (its process then leaves by itself)."""
+    def _newest_live(channel: JobChannel) -> tuple[int, ...] | None:
+        """The ranks the newest decision keeps alive; None before the first one or after a stop."""
         generation = channel.latest_generation()
         decision = channel.decision(generation) if generation > 0 else None
-        return decision is not None and decision.action is not Action.STOP and rank not in decision.live
+        return decision.live if decision is not None and decision.action is not Action.STOP else None
+
+    @classmethod
+    def _left_the_job(cls, channel: JobChannel, rank: int) -> bool:
+        """Whether the newest decision excludes ``rank`` (its process then leaves by itself)."""
+        live = cls._newest_live(channel)
+        return live is not None and rank not in live
 
     def _execute(self, agent: NodeAgent, command: dict[str, Any]) -> None:
-        if command.get("op") != "restart":
+        op = command.get("op")
+        if op not in ("restart", "kill"):
             log.error("ignoring unknown agent command %s", command)
             return
         generation = int(command["generation"])
@@ -138,7 +149,12 @@ class UnicronPolicy(ExitPolicy):
         for rank in command["ranks"]:
             local = int(rank) - first
             if local not in agent.workers:
-                log.error("cannot restart rank %s: it does not run on %s", rank, agent.config.node)
+                log.error("cannot %s rank %s: it does not run on %s", op, rank, agent.config.node)
+                continue
+            if op == "kill":  # a hung rank the job goes on without: it cannot leave by itself
+                log.info("killing rank %s: the job goes on without it (generation %d)", rank, generation)
+                self._excluded.add(int(rank))
+                agent.kill_worker(local, 0.0)
                 continue
             agent.kill_worker(local, 0.0 if command.get("kill_first") else self.restart_grace_s)
             if command.get("join"):  # the job goes on without it: it joins a later generation

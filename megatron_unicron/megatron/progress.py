@@ -33,6 +33,7 @@ class IterationStats:
     skipped: bool
     loss_scale: float
     time: float = 0.0  # wall clock when the iteration ended
+    layout: str = ""  # the layout that trained it, e.g. "TP2PP2DP1" (it changes in a transition)
 
 
 def megatron_log_line(

@@ -281,7 +281,8 @@ class Trainer:
         started = time.perf_counter()
         self.phases.iteration = self.progress.iteration + 1
         self.guard.begin_iteration()
-        bundle = self._current().bundle
+        current = self._current()
+        bundle, coords = current.bundle, current.coords
         batches = self._microbatches(self.datasets.train, self.progress.consumed_train_samples)
         for chunk in bundle.model:
             chunk.zero_grad_buffer()
@@ -311,6 +312,7 @@ class Trainer:
             skipped=not update_successful,
             loss_scale=float(bundle.optimizer.get_loss_scale().item()),
             time=time.time(),
+            layout=f"TP{coords.tp_size}PP{coords.pp_size}DP{coords.dp_size}",
         )
         self.recent_stats.append(stats)
         for hook in self.after_commit_hooks:

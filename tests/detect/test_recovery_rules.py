@@ -18,6 +18,7 @@ from megatron_unicron.incident_log import read_log
 from megatron_unicron.incidents import (
     EXITED,
     RUNNING,
+    STOPPED,
     Collector,
     EscalationHistory,
     Incident,
@@ -100,6 +101,33 @@ def test_a_device_error_leaves_its_rank_and_dead_processes_out_of_the_plan() -> 
     ((state, lost),) = plan.asked
     assert state.live == (0, 2) and lost == frozenset()  # rank 1's device failed, rank 3 is dead
     assert verdict.action is Action.RECONFIGURE and 1 not in verdict.decision.live
+
+
+def test_a_hung_rank_left_out_of_the_plan_is_killed_by_its_agent_a_responsive_one_is_not() -> None:
+    # Rank 1 hangs (stopped) a second time within the window: SEV1, the job goes on without it.
+    first = event(ErrorKind.TASK_HANG, 1, t=1.0, source="coordinator")
+    history = EscalationHistory(60.0)
+    history.record(first, Severity.SEV2, 1.0)
+    hang = incident(event(ErrorKind.TASK_HANG, 1, source="coordinator"), history=history)
+    assert hang.severity is Severity.SEV1
+    verdict = decide(
+        hang,
+        SETTINGS,
+        generation=0,
+        members=(0, 1, 2, 3),
+        progress={0: 3},
+        states=states(r0=RUNNING, r1=STOPPED, r2=RUNNING, r3=RUNNING),
+        lost_nodes=frozenset(),
+        plan_fn=Planner(),
+    )
+    assert verdict.action is Action.RECONFIGURE and 1 not in verdict.decision.live
+    assert dict(verdict.commands) == {"node0": {"op": "kill", "ranks": [1], "generation": 1}}
+    # A device error's rank still runs and reads the decision: it leaves by itself, nothing is killed.
+    ecc = incident(event(ErrorKind.ECC, 2))
+    verdict = decide(ecc, SETTINGS, generation=0, members=(0, 1, 2, 3), progress={0: 3},
+                     states=states(r0=RUNNING, r1=RUNNING, r2=RUNNING, r3=RUNNING),
+                     lost_nodes=frozenset(), plan_fn=Planner())
+    assert 2 not in verdict.decision.live and dict(verdict.commands) == {}
 
 
 def test_a_lost_node_still_names_the_node_to_the_planner() -> None:
