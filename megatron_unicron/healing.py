@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -49,6 +50,27 @@ class JobStopped(UnicronError):
 
 class TrainingDone(Exception):
     """A warm spare learns that training finished without it."""
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clear the locals of the finished frames that ``error`` and its causes unwound through.
+
+    Those frames hold the failed step's model, optimizer, process groups and pending gloo work. A warm
+    spare stays in :meth:`Healer.recover` until it trains again, or until the job ends: ``TrainingDone``
+    or ``JobStopped`` then carry the error as their ``__context__``. Without this, the broken
+    generation's groups outlive their release from the graveyard (``groups.release_drained``), each
+    with its sockets, pipes and threads. The frames' code and line numbers stay: tracebacks still print.
+    """
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)  # skips frames still executing (the caller's)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
 
 
 class Healer:
@@ -199,6 +221,10 @@ class Healer:
             broken = False
             if report.member:
                 return
+            # A spare waits in here, possibly to the end of the job: drop what the error's frames hold,
+            # as a member does by returning. Not before the transition: freeing the broken generation's
+            # model and pending work while the new world forms broke restarts (kill in an all-reduce).
+            _release_frames(error)
             logger.info(
                 "unicron: rank %d is a warm spare in generation %d", self.launch_rank, self.generation
             )
