@@ -51,3 +51,28 @@ def test_legacy_and_torch_dist_checkpoints_load_at_other_layouts(tmp_path: Path)
     assert [resharded[i]["lm_loss"] for i in range(5, 9)] == pytest.approx(
         [full[i]["lm_loss"] for i in range(5, 9)], rel=1e-5, abs=1e-5
     )
+
+
+@pytest.mark.timeout(900)
+def test_a_legacy_distributed_optimizer_checkpoint_loads_and_trains_on(tmp_path: Path) -> None:
+    distopt = ("--use-distributed-optimizer", "--tensor-model-parallel-size", "1")  # TP1 PP2 DP2
+    full = train(tmp_path, "full", 4, *distopt, "--save", str(tmp_path / "td"), "--save-interval", "4")
+    # Megatron-LM's legacy distributed-optimizer files: model_optim_rng.pt plus distrib_optim.pt per rank.
+    convert = [
+        sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "--load-dir", str(tmp_path / "td"),
+        "--iteration", "4", "--save-dir", str(tmp_path / "legacy"), "--ckpt-format", "torch",
+    ]  # fmt: skip
+    done = subprocess.run(convert, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    legacy = tmp_path / "legacy"
+    written = sorted(p.relative_to(legacy).as_posix() for p in legacy.rglob("*.pt"))
+    assert "iter_0000004/mp_rank_00_001/distrib_optim.pt" in written, written
+    # Loaded by a distributed-optimizer run at the same layout, then at TP2 PP1 DP2 (resharded on load).
+    same = train(tmp_path, "same", 4, *distopt, "--load", str(tmp_path / "legacy"))
+    assert sorted(same) == [5, 6, 7, 8]
+    assert [same[i]["lm_loss"] for i in range(5, 9)] == [full[i]["lm_loss"] for i in range(5, 9)]
+    other = ("--use-distributed-optimizer", "--pipeline-model-parallel-size", "1")
+    moved = train(tmp_path, "moved", 4, *other, "--load", str(tmp_path / "legacy"))
+    assert [moved[i]["lm_loss"] for i in range(5, 9)] == pytest.approx(
+        [full[i]["lm_loss"] for i in range(5, 9)], rel=1e-5, abs=1e-5
+    )
