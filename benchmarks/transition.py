@@ -2,8 +2,9 @@
 
     python benchmarks/transition.py [--json] [--repeat N] [--scenarios dp-rank-killed,dp4-rank-killed,...]
 
-For each scenario the tiny CPU GPT (TP1 PP2 DP2 on 4 ranks, or DP4; two simulated nodes for the node loss) is
-trained with ``--unicron`` and one injected fault. From the incident log: fault -> detected ->
+For each scenario the tiny CPU GPT (TP1 PP2 DP2 on 4 ranks, DP4, or TP2 PP2; two simulated nodes for the node
+losses, of 2 or 4 ranks) is trained with ``--unicron`` and one injected fault (a rank failing again:
+two, the second measured). From the incident log: fault -> detected ->
 decided -> resumed (first good step of the new generation); from the transition log (every process
 writes one line per transition): the split of the transition (agree, capture, leave, groups, model,
 targets, plan, transfer, load), bytes received against the bytes the new layout needed from others, and
@@ -55,6 +56,9 @@ class Scenario:
     tp_pp: tuple[int, int] = (1, 2)  # on 4 ranks: TP1 PP2 DP2 unless said otherwise
     flags: tuple[str, ...] = ()  # more flags of the unicron run
     launcher: tuple[str, ...] = ()  # more flags of its launcher
+    ranks: int = 4
+    earlier: tuple[str, ...] = ()
+    """Faults before ``fault`` (their incidents are not measured: the last incident is)."""
 
 
 SCENARIOS = {
@@ -76,6 +80,15 @@ SCENARIOS = {
         Scenario("hang-min1", f"hang:3:{FAULT_ITERATION}", what="the same, training on at DP 1",
                  flags=("--unicron-restart-min-replicas", "1")),
         Scenario("node-lost", f"node:3:{FAULT_ITERATION}", nnodes=2, what="a node (2 ranks) lost"),
+        # TP2 PP2 has no DP replica: the first kill restarts rank 1 from its snapshot; the second, within
+        # the escalation window, is SEV1 and the 3 survivors go on at a smaller layout.
+        Scenario("tp2pp2-rank-kept-failing", f"kill:1:{FAULT_ITERATION}", tp_pp=(2, 2),
+                 earlier=(f"kill:1:{FAULT_ITERATION - 40}",), what="a rank of TP2 PP2 killed a second time",
+                 flags=("--unicron-snapshot-interval", "1")),
+        # 2 nodes x 4 ranks; devices too small for TP or PP alone: the survivors keep TP2 PP2 at DP 1.
+        Scenario("node-lost-8", f"node:4:{FAULT_ITERATION}", nnodes=2, ranks=8, tp_pp=(2, 2),
+                 what="a node (4 of 8 ranks) lost at TP2 PP2 DP2",
+                 flags=("--unicron-device-memory-gib", "0.002")),
     )
 }
 
@@ -115,18 +128,21 @@ def _records(path: Path) -> list[dict]:
 
 def unicron_run(scenario: Scenario, tmp: Path) -> Result:
     logs = [
-        "--unicron", "--unicron-inject", scenario.fault,
-        "--unicron-incident-log", str(tmp / "incidents.jsonl"),
+        "--unicron", "--unicron-incident-log", str(tmp / "incidents.jsonl"),
         "--unicron-transition-log", str(tmp / "transitions.jsonl"),
     ]  # fmt: skip
+    for fault in (*scenario.earlier, scenario.fault):
+        logs += ["--unicron-inject", fault]
     argv = _flags(tmp, "unicron", scenario, *logs, *scenario.flags)
     launcher = ["--unicron", *scenario.launcher]
+    per_node = scenario.ranks // scenario.nnodes
     if scenario.nnodes == 1:
-        result = run_job(argv, nproc_per_node=4, launcher_args=launcher, timeout_s=600)
+        result = run_job(argv, nproc_per_node=per_node, launcher_args=launcher, timeout_s=600)
     else:
-        with start_job(argv, nproc_per_node=2, nnodes=2, launcher_args=launcher, timeout_s=600) as job:
+        with start_job(argv, nproc_per_node=per_node, nnodes=scenario.nnodes, launcher_args=launcher,
+                       timeout_s=600) as job:
             result = job.wait()
-    incident = read_log(str(tmp / "incidents.jsonl"))[0]
+    incident = read_log(str(tmp / "incidents.jsonl"))[len(scenario.earlier)]
     if incident.get("t_resumed") is None:
         raise RuntimeError(f"{scenario.name}: the job did not resume\n{result.output[-3000:]}")
     transitions = [t for t in _records(tmp / "transitions.jsonl") if t["member"]]
@@ -154,7 +170,8 @@ def unicron_run(scenario: Scenario, tmp: Path) -> Result:
         baseline_s=float("nan"),
         baseline_note="",
         layout=first[0]["layout"],
-        restarted_in="warm spare" if "in the warm spare" in result.stderr else
+        restarted_in="" if incident["action"] != "restart" else
+                     "warm spare" if "in the warm spare" in result.stderr else
                      "new process" if "restarting rank" in result.stderr else "",
     )
 
@@ -163,7 +180,7 @@ def baseline_run(scenario: Scenario, tmp: Path, save_interval: int) -> tuple[flo
     """Megatron: the group dies, relaunches from the newest checkpoint, recomputes to the failed iteration."""
     if scenario.name.startswith("hang"):
         return MEGATRON_TIMEOUT_S, f"> {MEGATRON_TIMEOUT_S:.0f} s (collective timeout)"
-    if scenario.name == "node-lost":
+    if scenario.name.startswith("node-lost"):
         return MEGATRON_TIMEOUT_S, "job down until an operator drains the node"
     ckpt = tmp / "ckpt"
     argv = _flags(
@@ -172,7 +189,8 @@ def baseline_run(scenario: Scenario, tmp: Path, save_interval: int) -> tuple[flo
     )  # fmt: skip
     fault = scenario.fault if scenario.name != "relayout" else f"kill:3:{FAULT_ITERATION}"
     argv += ["--unicron-inject", fault]
-    result = run_job(argv, nproc_per_node=4, launcher_args=["--max-restarts", "1"], timeout_s=600)
+    launcher = ["--max-restarts", "1"]
+    result = run_job(argv, nproc_per_node=scenario.ranks, launcher_args=launcher, timeout_s=600)
     if result.returncode != 0:
         raise RuntimeError(f"baseline failed\n{result.output[-3000:]}")
     fired = [line for line in result.output.splitlines() if "unicron-inject: fired" in line]
