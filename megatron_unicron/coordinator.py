@@ -243,7 +243,7 @@ class Coordinator:
         state = JobState(job=self.job, generation=self.generation, layout=self.settings.layout,
                          members=self.members, live=tuple(sorted(set(self.live) | set(ranks))),
                          rank_node=dict(self.rank_node), iteration=max(progress.values(), default=None),
-                         save=self.settings.save)
+                         save=self.settings.save, mean_iteration_s=self.mean_iteration_s())
         decision = self.scale_fn(state, frozenset({what}))
         if decision is None:
             self.emit(f"unicron: {what} back; the job keeps {self.settings.layout} (no larger layout)")

@@ -45,6 +45,8 @@ class JobState:
     rank_node: Mapping[int, str]
     iteration: int | None
     save: str | None
+    mean_iteration_s: float | None = None
+    """The job's recent seconds per iteration, when known (a planned switch is announced by time)."""
 
 
 PlanFn = Callable[[JobState, frozenset[str]], Decision | None]

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from megatron_unicron.decision_watch import DecisionWatch
 from megatron_unicron.detect.watchdog import AdaptiveTimeouts, IterationMonitor, TimeoutPolicy
 from megatron_unicron.errors import UnicronError
 from megatron_unicron.events import Action, Decision, ErrorKind, FaultEvent
@@ -112,6 +113,9 @@ class Healer:
             in_timed_wait=timed_collectives.in_timed_wait,
             beat=lambda: self.monitor_channel.post_beat(launch_rank),
         )
+        # Planned switches are looked up before every iteration: from a poller, not a store round trip.
+        self.next_decision = DecisionWatch(channel, JobChannel(channel.store.clone(), channel.keys))
+        self.next_decision.start()
         self.resume_pending = False
         self.transitions: list[TransitionReport] = []
 
@@ -156,7 +160,7 @@ class Healer:
         Checked before the next step rather than after the last one, so the finished iteration is still
         reported by the rank that reported it.
         """
-        decision = self.channel.decision(self.generation + 1)
+        decision = self.next_decision.decision(self.generation + 1)
         if decision is None or decision.at_iteration is None or iteration < decision.at_iteration:
             return
         report = self.follow(decision, broken=False)
@@ -298,6 +302,8 @@ class Healer:
         """Stop the monitor thread and restore the untimed collectives."""
         self.monitor.close()
         self.monitor_channel.store.close()
+        self.next_decision.close()
+        self.next_decision.poll_channel.store.close()
         timed_collectives.revert()
 
     def summary(self) -> dict[str, Any]:

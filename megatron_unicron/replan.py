@@ -15,6 +15,7 @@ rank 0 posts (``model``, ``global_batch_size``, ``micro_batch_size``, ``gpus_per
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -139,9 +140,19 @@ def choose_members(
     return tuple(ordered[: layout.world_size])
 
 
-# A planned switch is announced this many iterations ahead, so every member reads the decision before
-# it reaches that iteration (members move in lockstep: they are at most one iteration apart).
+# A planned switch is announced this many iterations and at least this many seconds ahead, so every
+# member reads the decision before it reaches that iteration (members move in lockstep: they are at
+# most one iteration apart; a member's view of the store may be ``DecisionWatch.stale_s`` old).
 SWITCH_AHEAD_ITERATIONS = 3
+SWITCH_AHEAD_S = 1.0
+
+
+def switch_iteration(iteration: int | None, mean_iteration_s: float | None) -> int:
+    """The iteration a switch planned now happens after, ``iteration`` being the furthest member's."""
+    ahead = SWITCH_AHEAD_ITERATIONS
+    if mean_iteration_s is not None and mean_iteration_s > 0:
+        ahead = max(ahead, math.ceil(SWITCH_AHEAD_S / mean_iteration_s) + 1)
+    return (iteration or 0) + ahead
 
 
 def make_scale_up_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> PlanFn:
@@ -161,7 +172,7 @@ def make_scale_up_fn(config_of: Callable[[], Mapping[str, Any] | None]) -> PlanF
         if layout is None or layout.world_size <= state.layout.world_size:
             return None
         members = choose_members(state.live, layout, state.rank_node)
-        at = (state.iteration or 0) + SWITCH_AHEAD_ITERATIONS
+        at = switch_iteration(state.iteration, state.mean_iteration_s)
         return Decision(
             job=state.job,
             generation=state.generation + 1,
