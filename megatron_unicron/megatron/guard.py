@@ -10,8 +10,9 @@ recovering, the survivors agree on the oldest iteration any of them holds; a ran
 its copy back. State is therefore never mixed from two iterations: every rank resumes from the end of
 the same iteration.
 
-The copy costs one memcpy of the optimizer's tensors per iteration (host memory on CPU);
-``--unicron-step-guard`` off skips it (then a failure inside the step falls back to older sources).
+The copy costs one fused memcpy of the optimizer's tensors per iteration into buffers reused from the
+previous one (host memory on CPU), plus the model parameters the optimizer does not step itself;
+it is taken only with ``--unicron`` (without it no recovery ever undoes a step).
 """
 
 from __future__ import annotations
@@ -80,6 +81,19 @@ def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
     return tensors
 
 
+def _copy_into(buffers: list[torch.Tensor] | None, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``sources``: into last step's ``buffers`` when they still match (one fused copy, no
+    allocation: per-tensor clones of a few hundred small tensors cost more than the bytes), else new."""
+    if buffers is not None and len(buffers) == len(sources) and all(
+        b.shape == s.shape and b.dtype == s.dtype for b, s in zip(buffers, sources, strict=True)
+    ):
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, [s.detach() for s in sources])
+        return buffers
+    return [s.detach().clone() for s in sources]
+
+
 @dataclass
 class PreStepCopy:
     """What the optimizer step of ``iteration`` (0-based, not yet committed) will change."""
@@ -88,6 +102,9 @@ class PreStepCopy:
     rng: RngState
     optimizer_tensors: list[torch.Tensor]
     model_tensors: list[torch.Tensor]
+    model_indices: list[int]
+    """Which model parameters ``model_tensors`` copy: those that are not an optimizer tensor already
+    (with fp32 training the optimizer steps the model's own parameters; fp16/bf16 has fp32 masters)."""
     scheduler: dict[str, Any]
     grad_scaler: dict[str, Any] | None
     consumed_train_samples: int
@@ -112,11 +129,17 @@ class StepGuard:
             return
         assert self.iteration_start is not None
         scaler = getattr(bundle.optimizer, "grad_scaler", None)
+        previous = self.pre_step
+        optimizer_tensors = _optimizer_tensors(bundle.optimizer)
+        stepped = {t.data_ptr() for t in optimizer_tensors}
+        params = list(bundle.gpt.parameters())
+        own = [i for i, p in enumerate(params) if p.data_ptr() not in stepped]
         self.pre_step = PreStepCopy(
             iteration=progress.iteration,
             rng=self.iteration_start,
-            optimizer_tensors=[t.detach().clone() for t in _optimizer_tensors(bundle.optimizer)],
-            model_tensors=[p.detach().clone() for p in bundle.gpt.parameters()],
+            optimizer_tensors=_copy_into(previous.optimizer_tensors if previous else None, optimizer_tensors),
+            model_tensors=_copy_into(previous.model_tensors if previous else None, [params[i] for i in own]),
+            model_indices=own,
             scheduler=copy.deepcopy(bundle.scheduler.state_dict()),
             grad_scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
             consumed_train_samples=progress.consumed_train_samples,
@@ -141,8 +164,9 @@ class StepGuard:
                 _optimizer_tensors(bundle.optimizer), copy_.optimizer_tensors, strict=True
             ):
                 live.copy_(saved)
-            for live, saved in zip(bundle.gpt.parameters(), copy_.model_tensors, strict=True):
-                live.copy_(saved)
+            params = list(bundle.gpt.parameters())
+            for index, saved in zip(copy_.model_indices, copy_.model_tensors, strict=True):
+                params[index].copy_(saved)
         restore_scheduler(bundle.scheduler, copy_.scheduler)
         scaler = getattr(bundle.optimizer, "grad_scaler", None)
         if scaler is not None and copy_.grad_scaler is not None:
