@@ -273,12 +273,13 @@ class Coordinator:
         self._iter_samples[self.generation] = (first, sample)
 
     def mean_iteration_s(self) -> float | None:
-        """Mean iteration time of the current generation, from the progress posts (None: unknown)."""
-        samples = self._iter_samples.get(self.generation)
-        if samples is None or samples[1][0] <= samples[0][0]:
-            return None
-        (i0, t0), (i1, t1) = samples
-        return (t1 - t0) / (i1 - i0)
+        """Mean iteration time of the current generation, from the progress posts; until it has two
+        posts, that of the newest generation that had (None: unknown)."""
+        for generation in sorted(self._iter_samples, reverse=True):
+            (i0, t0), (i1, t1) = self._iter_samples[generation]
+            if generation <= self.generation and i1 > i0:
+                return (t1 - t0) / (i1 - i0)
+        return None
 
     def _states(self) -> dict[int, WorkerState]:
         live_nodes = [n for n in self.nodes if n not in self.lost]
