@@ -94,7 +94,7 @@ class UnicronConfig:
 
     snapshot_interval: int = 0
     """Copy the training state to node-local shared memory every N iterations, in the background
-    (0: never; needs --unicron, not yet with --use-distributed-optimizer)."""
+    (0: never; needs --unicron)."""
 
     persist_interval: int = 0
     """Also write every M-th snapshot as a torch_dist checkpoint to --save, in the background (0: never)."""

@@ -6,7 +6,8 @@ Usage (with ``unicron-run --unicron``)::
 
 or ``unicron: {snapshot_interval: N, persist_interval: M}`` in the YAML job config.
 
-* Every N iterations each worker copies its shards (parameters and Adam state, every replica it holds)
+* Every N iterations each worker copies its shards (parameters and Adam state, every replica it holds;
+  a DistributedOptimizer rank's own flat ranges of the optimizer state)
   and its trainer-level state to node-local shared memory on a background thread while the next
   iteration's forward and backward run; the optimizer step waits for the copy (``service``,
   ``writer``). Two slots per rank, each with a manifest written last and a CRC32 per shard, so a crash
@@ -21,10 +22,13 @@ or ``unicron: {snapshot_interval: N, persist_interval: M}`` in the YAML job conf
   them after every live copy: this iteration's snapshots, else the newest older iteration whose snapshots
   cover everything (every member rolls back to it), else the newest persistent checkpoint (``ladder``).
 
-Limitations: not with ``--use-distributed-optimizer`` yet (its re-shardable description gathers over
-data-parallel ranks, a collective; snapshots are switched off with a warning). Memory: two copies of a
-rank's state in shared memory per rank, two more per replicated rank on the peer node, and a transition
-that needs snapshots reads the ones it serves into private memory. Replicas lag their source by up to a
+With ``--use-distributed-optimizer`` a rank's optimizer shards are stored as flat ranges of model-space
+boxes (``megatron.distopt_state``, described locally: no collective) and planned by
+``transition.flat_plan``.
+
+Limitations: memory: two copies of a rank's state in shared memory per rank, two more per replicated
+rank on the peer node, and a transition that needs snapshots reads the ones it serves into private
+memory. Replicas lag their source by up to a
 poll interval (0.2 s) plus the transfer, so after a node loss they are useful when the job rolls back
 to their iteration.
 """

@@ -9,13 +9,16 @@ the others (:func:`fill_hole`):
 * the snapshots of its node's ranks that are not live any more, and the replicas its node received from
   a peer node, when it is the lowest live rank of its node (one server per directory).
 
-The planner (``transition.transfer_plan``) ranks snapshots of the agreed iteration after every live
-copy: a snapshot on the destination's node, then one on another node (a replica, or a node-mate's
-snapshot served remotely). When live copies and those snapshots leave a hole (e.g. a worker died while
+A DistributedOptimizer's shards (flat ranges of boxes, with no DP replica) are offered the same way,
+as flat holdings for ``transition.flat_plan``. The planners (``transition.transfer_plan``,
+``transition.flat_plan``) rank snapshots of the agreed iteration after every live copy: a snapshot on
+the destination's node, then one on another node (a replica, or a node-mate's snapshot served
+remotely). When live copies and those snapshots leave a hole (e.g. a worker died while
 copying its newest snapshot), every member rolls back to the newest older iteration whose snapshots
 alone cover the new layout (:func:`plan_rollback`), before falling back to the persistent checkpoint.
 The trainer-level state in a snapshot (progress, LR schedule, common optimizer state, small objects,
-RNG per (TP, PP) position) stands in when no live process can give it, and always on a rollback.
+the DistributedOptimizer's Adam step, RNG per (TP, PP) position) stands in when no live process can
+give it, and always on a rollback.
 
 Snapshots from an abandoned past are never mixed in: whenever a transition resumes at an iteration below
 what some process had committed, the rollback is recorded in the store, and a snapshot written in an
@@ -33,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron_unicron.megatron.distopt_state import FlatMeta
 from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory, rank_dirs, replica_dirs
 from megatron_unicron.snapshot.manifest import Manifest
 from megatron_unicron.snapshot.reader import LoadedSnapshot, load_slot
+from megatron_unicron.transition.flat_plan import FlatHolding, FlatNeed, FlatPiece, plan_flat
 from megatron_unicron.transition.transfer_plan import (
     Holding,
     Need,
@@ -66,6 +71,10 @@ class SnapshotOffer:
     states: list[dict[str, Any]] = field(default_factory=list)
     """Trainer-level state of each snapshot, plus ``"iteration"`` and ``"position"`` =
     (tp_size, pp_size, tp_rank, pp_rank)."""
+    flat_metas: list[FlatMeta] = field(default_factory=list)
+    """DistributedOptimizer shards (flat ranges), indexed after ``metas``."""
+    flat_nodes: list[str] = field(default_factory=list)
+    flat_iterations: list[int] = field(default_factory=list)
 
     def holdings(self, rank: int, first_index: int, iteration: int) -> list[Holding]:
         """The shards of ``iteration`` as holdings of process ``rank``, indexed after its live holdings."""
@@ -74,6 +83,20 @@ class SnapshotOffer:
             for i, (meta, node, it) in enumerate(zip(self.metas, self.nodes, self.iterations))
             if it == iteration
         ]
+
+    def flat_holdings(self, rank: int, first_index: int, iteration: int) -> list[FlatHolding]:
+        """The flat shards of ``iteration`` as holdings of ``rank``, indexed after its snapshot boxes."""
+        first = first_index + len(self.metas)
+        return [
+            FlatHolding(rank, first + i, meta.key, meta.box, meta.flat, SourceKind.SNAPSHOT, node)
+            for i, (meta, node, it) in enumerate(zip(self.flat_metas, self.flat_nodes, self.flat_iterations))
+            if it == iteration
+        ]
+
+    @property
+    def all_iterations(self) -> set[int]:
+        """Every iteration some offered shard is of."""
+        return {*self.iterations, *self.flat_iterations}
 
 
 Offers = Mapping[int, tuple[int, "SnapshotOffer | None"]]
@@ -86,14 +109,49 @@ def holdings(offers: Offers, iteration: int) -> list[Holding]:
             for h in offer.holdings(rank, first, iteration)]  # fmt: skip
 
 
+def flat_holdings(offers: Offers, iteration: int) -> list[FlatHolding]:
+    """Every offered flat snapshot shard (DistributedOptimizer state) of ``iteration``."""
+    return [h for rank, (first, offer) in offers.items() if offer is not None
+            for h in offer.flat_holdings(rank, first, iteration)]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SnapshotPlan:
+    """A transfer that needs snapshots: its box pieces and its flat-range pieces."""
+
+    boxes: TransferPlan
+    flat: tuple[FlatPiece, ...] = ()
+
+    @property
+    def pieces(self) -> list[Any]:
+        """Every piece, boxes first (the exchange takes both kinds)."""
+        return [*self.boxes.pieces, *self.flat]
+
+
+def plan_with(
+    live: Sequence[Holding], flat_live: Sequence[FlatHolding], offers: Offers, iteration: int,
+    needs: Sequence[Need], flat_needs: Sequence[FlatNeed], rank_node: Mapping[int, str],
+) -> SnapshotPlan:
+    """Plan ``needs`` and ``flat_needs`` from live holdings and the snapshots of ``iteration``.
+
+    Raises UncoveredError when they leave a hole.
+    """
+    boxes = plan_transfer([*live, *holdings(offers, iteration)], needs, rank_node)
+    flat: tuple[FlatPiece, ...] = ()
+    if flat_needs:
+        flat = plan_flat([*flat_live, *flat_holdings(offers, iteration)], flat_needs, rank_node)
+    return SnapshotPlan(boxes, flat)
+
+
 def plan_rollback(
-    offers: Offers, needs: Sequence[Need], rank_node: Mapping[int, str], *, below: int
-) -> tuple[int, TransferPlan] | None:
-    """The newest iteration before ``below`` whose snapshots alone cover ``needs``, with its plan."""
-    iterations = {it for _, offer in offers.values() if offer is not None for it in offer.iterations}
+    offers: Offers, needs: Sequence[Need], rank_node: Mapping[int, str], *, below: int,
+    flat_needs: Sequence[FlatNeed] = (),
+) -> tuple[int, SnapshotPlan] | None:
+    """The newest iteration before ``below`` whose snapshots alone cover ``needs`` and ``flat_needs``."""
+    iterations = {it for _, offer in offers.values() if offer is not None for it in offer.all_iterations}
     for iteration in sorted((it for it in iterations if it < below), reverse=True):
         try:
-            return iteration, plan_transfer(holdings(offers, iteration), needs, rank_node)
+            return iteration, plan_with((), (), offers, iteration, needs, flat_needs, rank_node)
         except UncoveredError:
             continue
     return None
@@ -106,6 +164,12 @@ class SnapshotSources:
     offer: SnapshotOffer
     tensors: list[torch.Tensor]
     loaded: list[LoadedSnapshot]
+    flat_tensors: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[torch.Tensor]:
+        """Every verified tensor, in the order of the offer's holding indices (boxes, then flat ranges)."""
+        return [*self.tensors, *self.flat_tensors]
 
 
 def quiesce(trainer: Trainer) -> None:
@@ -177,6 +241,10 @@ def gather(trainer: Trainer, decision: Decision, *, launch_rank: int, node: str,
             offer.metas += loaded.metas
             offer.nodes += [node] * len(loaded.metas)
             offer.iterations += [manifest.iteration] * len(loaded.metas)
+            sources.flat_tensors += loaded.flat_tensors
+            offer.flat_metas += loaded.flat_metas
+            offer.flat_nodes += [node] * len(loaded.flat_metas)
+            offer.flat_iterations += [manifest.iteration] * len(loaded.flat_metas)
             if loaded.state is not None:
                 extra = {"iteration": manifest.iteration, "position": manifest.position}
                 offer.states.append(dict(loaded.state, **extra))
@@ -185,7 +253,7 @@ def gather(trainer: Trainer, decision: Decision, *, launch_rank: int, node: str,
         logger.info(
             "unicron: rank %d offers %d snapshot(s)%s of iteration(s) %s (%d shards, %.1f MB)", launch_rank,
             len(sources.loaded), f" with replicas from {', '.join(replicas)}" if replicas else "",
-            sorted({s.manifest.iteration for s in sources.loaded}), len(sources.tensors),
+            sorted({s.manifest.iteration for s in sources.loaded}), len(sources.sources),
             sum(s.nbytes for s in sources.loaded) / 2**20,
         )  # fmt: skip
     return sources
@@ -199,7 +267,7 @@ Share = Callable[["SnapshotOffer | None"], Mapping[int, "SnapshotOffer | None"]]
 class Filled:
     """A plan that needed snapshots, and what the exchange and the load need from them."""
 
-    plan: TransferPlan
+    plan: SnapshotPlan
     resume: int
     """The agreed iteration, or the older one every member rolls back to."""
     offers: dict[int, SnapshotOffer | None]
@@ -211,23 +279,25 @@ def fill_hole(
     trainer: Trainer, decision: Decision, *, launch_rank: int, node: str, target: int,
     live: Sequence[Holding], needs: Sequence[Need], rank_node: Mapping[int, str],
     first_index: Mapping[int, int], share: Share,
+    flat_live: Sequence[FlatHolding] = (), flat_needs: Sequence[FlatNeed] = (),
 ) -> Filled | None:
     """Plan with the snapshots after the live copies left a hole; None when they do not cover it either.
 
     Every live process calls it (``share`` posts this process's offer and returns everyone's, by
-    transition rank); ``first_index`` is each process's number of live holdings.
+    transition rank); ``first_index`` is each process's number of live holdings (boxes and flat ranges).
+    ``flat_live``/``flat_needs``: the DistributedOptimizer's flat ranges, planned alongside the boxes.
     """
     if trainer.snapshots is None:  # the same on every process: snapshots are a job-wide setting
         return None
     sources = gather(trainer, decision, launch_rank=launch_rank, node=node, target=target)
     offers = dict(share(sources.offer if sources is not None else None))
     indexed = {r: (first_index[r], offer) for r, offer in offers.items()}
-    tensors = sources.tensors if sources is not None else []
+    tensors = sources.sources if sources is not None else []
     try:
-        plan = plan_transfer([*live, *holdings(indexed, target)], needs, rank_node)
+        plan = plan_with(live, flat_live, indexed, target, needs, flat_needs, rank_node)
         return Filled(plan, target, offers, tensors)
     except UncoveredError:
-        rollback = plan_rollback(indexed, needs, rank_node, below=target)
+        rollback = plan_rollback(indexed, needs, rank_node, below=target, flat_needs=flat_needs)
     return Filled(rollback[1], rollback[0], offers, tensors) if rollback is not None else None
 
 
@@ -241,6 +311,8 @@ class TrainerState:
     objects: dict[Any, Any]
     rng: Any
     """The RNG of a snapshot written at the same (TP, PP) position, or None."""
+    adam_step: float | None = None
+    """The DistributedOptimizer's Adam step count (None: not a DistributedOptimizer snapshot)."""
 
 
 def trainer_state(
@@ -257,4 +329,4 @@ def trainer_state(
     rng = next((s["rng"] for s in states if tuple(s["position"]) == position), None)
     first = states[0]
     return TrainerState(progress=first["progress"], scheduler=first["scheduler"], common=first["common"],
-                        objects=objects, rng=rng)  # fmt: skip
+                        objects=objects, rng=rng, adam_step=first.get("adam_step"))  # fmt: skip

@@ -5,6 +5,8 @@ presence is the proof that the slot can be read; readers still verify every shar
 memory can be corrupted after the fact. It describes the shards the way megatron-core's sharded state
 dict does (key, box in the global tensor, global shape, dtype), independently of the layout, plus where
 each shard's bytes lie in the slot's data file, and the layout and position of the rank that wrote it.
+A DistributedOptimizer's shard is a *flat range* of its box (``flat``: elements ``[start, stop)`` in C
+order, as ``megatron.distopt_state`` describes it); such a record holds just those elements.
 The trainer-level state (progress, LR schedule, RNG, small objects) is a pickled file next to it, with
 its own CRC32 here.
 """
@@ -57,6 +59,8 @@ class ShardRecord:
     dtype: str
     offset: int
     nbytes: int
+    flat: tuple[int, int] | None = None
+    """For a flat range of the box (DistributedOptimizer state): its C-order elements ``[start, stop)``."""
 
     def __post_init__(self) -> None:
         if len(self.box) != len(self.global_shape):
@@ -66,19 +70,29 @@ class ShardRecord:
         numel = 1
         for a, b in self.box:
             numel *= b - a
+        if self.flat is not None:
+            start, stop = self.flat
+            if not 0 <= start <= stop <= numel:
+                raise ValueError(f"shard {self.key}: flat range {self.flat} outside box {self.box}")
+            numel = stop - start
         if numel * dtype_of(self.dtype).itemsize != self.nbytes:
             raise ValueError(f"shard {self.key}: {self.nbytes} bytes do not fit {self.dtype} box {self.box}")
         if self.offset < 0:
             raise ValueError(f"shard {self.key}: negative offset {self.offset}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values for JSON."""
-        return {"key": self.key, "box": self.box, "global_shape": self.global_shape, "dtype": self.dtype,
+        """Plain values for JSON (``flat`` only for a flat range)."""
+        data = {"key": self.key, "box": self.box, "global_shape": self.global_shape, "dtype": self.dtype,
                 "offset": self.offset, "nbytes": self.nbytes}  # fmt: skip
+        if self.flat is not None:
+            data["flat"] = self.flat
+        return data
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The shard's local shape (its box's extent)."""
+        """The shard's local shape: its box's extent, or the length of its flat range."""
+        if self.flat is not None:
+            return (self.flat[1] - self.flat[0],)
         return tuple(b - a for a, b in self.box)
 
     @classmethod
@@ -91,6 +105,7 @@ class ShardRecord:
             dtype=data["dtype"],
             offset=int(data["offset"]),
             nbytes=int(data["nbytes"]),
+            flat=(int(data["flat"][0]), int(data["flat"][1])) if data.get("flat") is not None else None,
         )
 
 

@@ -4,7 +4,8 @@ A slot is read only through its manifest (present only when the slot is complete
 copied into private memory, then checksummed, so that what was verified is exactly what is served even
 if the slot is rewritten afterwards. A shard whose checksum fails is reported and left out (the next
 rung of the ladder serves it); a trainer state that fails its checksum makes the snapshot's small state
-unavailable, not its shards.
+unavailable, not its shards. Flat-range records (DistributedOptimizer state) come back as 1-D tensors
+described by ``FlatMeta``, apart from the boxes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from megatron_unicron.megatron.distopt_state import FlatMeta
 from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory
 from megatron_unicron.snapshot.manifest import Manifest, ShardRecord, dtype_of, read_manifest
@@ -37,11 +39,14 @@ class LoadedSnapshot:
     """Keys (with boxes) of shards that failed their checksum and were left out."""
     state: dict[str, Any] | None = None
     """The trainer-level state, None when its file failed its checksum."""
+    flat_metas: list[FlatMeta] = field(default_factory=list)
+    """The verified DistributedOptimizer shards (flat ranges of boxes)."""
+    flat_tensors: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the verified shards."""
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        return sum(t.numel() * t.element_size() for t in [*self.tensors, *self.flat_tensors])
 
 
 def _read(path: Path, size: int) -> bytearray:
@@ -80,6 +85,12 @@ def load_slot(directory: SlotDirectory, manifest: Manifest) -> LoadedSnapshot | 
             loaded.corrupt.append(f"{record.key} {record.box}")
             continue
         piece = whole[record.offset : record.offset + record.nbytes].view(dtype_of(record.dtype))
+        if record.flat is not None:
+            loaded.flat_metas.append(
+                FlatMeta(record.key, record.box, record.global_shape, dtype_of(record.dtype), record.flat)
+            )
+            loaded.flat_tensors.append(piece)
+            continue
         loaded.metas.append(_shard_meta(record))
         loaded.tensors.append(piece.view(record.shape))
     if zlib.crc32(state_bytes) == manifest.state_crc:

@@ -5,7 +5,9 @@
 * after an iteration commits (every ``--unicron-snapshot-interval`` N iterations) it hands this rank's
   live shards (``state.live_shards``: views, no copy; listed once per generation) and the small
   trainer-level state (progress, LR schedule, RNG, sharded objects, common optimizer state) to the
-  background :class:`~megatron_unicron.snapshot.writer.SnapshotWriter`;
+  background :class:`~megatron_unicron.snapshot.writer.SnapshotWriter`; with
+  ``--use-distributed-optimizer`` the optimizer's shards are this rank's flat ranges
+  (``distopt_state.optimizer_shards``, described locally: no collective) plus its Adam step;
 * before the next optimizer step it waits for that copy to finish: the only stall, measured in
   :attr:`SnapshotService.stalls`;
 * every ``--unicron-persist-interval`` M snapshots (iteration N·M, the same on every rank) it starts an
@@ -13,9 +15,7 @@
   at the last iteration, so ``latest_checkpointed_iteration.txt`` advances without a synchronous save.
 
 A transition calls :meth:`quiesce` before it changes any state; the shard list is rebuilt for the new
-generation. Snapshots need ``--unicron`` and, for now, no ``--use-distributed-optimizer`` (its
-re-shardable description gathers over data-parallel ranks, a collective the background copy must not
-depend on): with it, snapshots are switched off with a warning.
+generation. Snapshots need ``--unicron``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron_unicron.errors import ConfigError
+from megatron_unicron.megatron import distopt_state
 from megatron_unicron.megatron.state import CapturedState, live_shards
 from megatron_unicron.snapshot.layout import DIR_ENV, SlotDirectory, node_dir, rank_dir
 from megatron_unicron.snapshot.writer import SnapshotRequest, SnapshotWriter
@@ -61,12 +62,6 @@ def check_config(args: MegatronArgs) -> bool:
             f"--unicron-snapshot-interval {config.snapshot_interval} needs --unicron "
             "(snapshots are restored by its transitions)"
         )
-    if args.use_distributed_optimizer:
-        logger.warning(
-            "unicron: in-memory snapshots are off: they do not support --use-distributed-optimizer yet "
-            "(its re-shardable state is gathered over data-parallel ranks); persistent checkpoints still work"
-        )
-        return False
     return True
 
 
@@ -76,6 +71,8 @@ class _LiveState:
     live: CapturedState
     layout: tuple[int, int, int]
     coords: tuple[int, int, int]
+    flat: tuple[list[distopt_state.FlatMeta], list[Any]] | None = None
+    """The DistributedOptimizer's shards (flat ranges) and their live views, when it is one."""
 
 
 def start_service(trainer: Trainer, *, launch_rank: int, node: str) -> SnapshotService | None:
@@ -172,9 +169,11 @@ class SnapshotService:
         assert gen is not None, "snapshot without a generation"
         if self._live is None or self._live.generation() is not gen:
             c = gen.coords
-            live = live_shards(gen.bundle, self.trainer.args)
+            distopt = distopt_state.uses_distributed_optimizer(gen.bundle)
+            live = live_shards(gen.bundle, self.trainer.args, optimizer=not distopt)
+            flat = distopt_state.optimizer_shards(gen.bundle, self.trainer.args) if distopt else None
             layout, coords = (c.tp_size, c.pp_size, c.dp_size), (c.tp_rank, c.pp_rank, c.dp_rank)
-            self._live = _LiveState(weakref.ref(gen), live, layout, coords)
+            self._live = _LiveState(weakref.ref(gen), live, layout, coords, flat)
         return self._live
 
     def _snapshot(self, iteration: int) -> None:
@@ -190,9 +189,13 @@ class SnapshotService:
             "objects": current.live.objects,
             "common": current.live.common,  # its optimizer step aliases the live one: pickled before the step
         }
+        flat_metas, flat_tensors = current.flat if current.flat is not None else ((), ())
+        if current.flat is not None:
+            state["adam_step"] = distopt_state.adam_step(gen.bundle)
         self.writer.submit(SnapshotRequest(
             iteration=iteration, generation=gen.number, layout=current.layout, coords=current.coords,
             metas=current.live.metas, tensors=current.live.tensors, state=state,
+            flat_metas=flat_metas, flat_tensors=flat_tensors,
         ))  # fmt: skip
         self._waited = False
 

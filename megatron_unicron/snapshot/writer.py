@@ -3,9 +3,11 @@
 The training thread hands over *live* tensors (views of parameters and Adam state, no copy) right after
 an iteration committed; the writer thread copies their bytes into the slot that is not the newest
 (memory-mapped from shared memory), computes a CRC32 per shard, writes the pickled trainer state and
-finally the manifest. Forward and backward of the next iteration run meanwhile (they do not modify
-parameters or optimizer state); the trainer calls :meth:`SnapshotWriter.wait` before the optimizer step,
-which is the only point where training can stall on a snapshot.
+finally the manifest. A DistributedOptimizer rank's optimizer shards are flat ranges of boxes
+(``megatron.distopt_state.FlatMeta``); they are written after the boxes, one record each. Forward and
+backward of the next iteration run meanwhile (they do not modify parameters or optimizer state); the
+trainer calls :meth:`SnapshotWriter.wait` before the optimizer step, which is the only point where
+training can stall on a snapshot.
 
 The copy is one ``torch._foreach_copy_`` and the checksums are ``zlib.crc32`` on the mapped bytes: both
 release the GIL, so the training thread is not held up by them.
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from megatron_unicron.megatron.distopt_state import FlatMeta
 from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory
 from megatron_unicron.snapshot.manifest import SLOTS, Manifest, ShardRecord, dtype_name, shards_json
@@ -41,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 COPY_DELAY_ENV = "UNICRON_SNAPSHOT_COPY_DELAY_S"
 ALIGN = 64  # bytes; every shard starts aligned, so its bytes can be viewed as any dtype
+Shard = ShardMeta | FlatMeta
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,17 @@ class SnapshotRequest:
     tensors: Sequence[torch.Tensor]
     state: dict[str, Any] = field(repr=False)
     """Pickled by the writer thread: it must not change before the next optimizer step."""
+    flat_metas: Sequence[FlatMeta] = ()
+    """DistributedOptimizer shards (flat ranges of boxes), with their live 1-D views."""
+    flat_tensors: Sequence[torch.Tensor] = ()
 
     def __post_init__(self) -> None:
         if len(self.metas) != len(self.tensors):
             raise ValueError(f"{len(self.metas)} shard descriptions for {len(self.tensors)} tensors")
+        if len(self.flat_metas) != len(self.flat_tensors):
+            raise ValueError(
+                f"{len(self.flat_metas)} flat shard descriptions for {len(self.flat_tensors)} tensors"
+            )
 
 
 @dataclass(frozen=True)
@@ -107,14 +118,18 @@ def dumps(state: Any) -> bytes:
     return buffer.getvalue()
 
 
-def plan_offsets(metas: Sequence[ShardMeta]) -> tuple[list[int], int]:
+def _shape(meta: Shard) -> list[int]:
+    if isinstance(meta, FlatMeta):
+        return [meta.flat[1] - meta.flat[0]]
+    return [b - a for a, b in meta.box]
+
+
+def plan_offsets(metas: Sequence[Shard]) -> tuple[list[int], int]:
     """Aligned byte offsets of each shard in a slot's data file, and the file's size."""
     offsets, end = [], 0
     for meta in metas:
         offsets.append(end)
-        numel = 1
-        for a, b in meta.box:
-            numel *= b - a
+        numel = int(torch.Size(_shape(meta)).numel())
         end += -(-numel * meta.dtype.itemsize // ALIGN) * ALIGN
     return offsets, end
 
@@ -122,22 +137,25 @@ def plan_offsets(metas: Sequence[ShardMeta]) -> tuple[list[int], int]:
 class _SlotMap:
     """One slot's data file mapped into memory, with a view and a record per shard of a shard list."""
 
-    def __init__(self, path: os.PathLike[str], metas: Sequence[ShardMeta]) -> None:
-        self.metas = metas
-        offsets, self.size = plan_offsets(metas)
+    def __init__(
+        self, path: os.PathLike[str], metas: Sequence[ShardMeta], flat_metas: Sequence[FlatMeta]
+    ) -> None:
+        self.metas, self.flat_metas = metas, flat_metas
+        every: list[Shard] = [*metas, *flat_metas]
+        offsets, self.size = plan_offsets(every)
         with open(path, "ab") as f:  # create it, then give it exactly the size needed
             f.truncate(self.size)
         self.buffer = torch.from_file(os.fspath(path), shared=True, size=max(self.size, 1), dtype=torch.uint8)
         self.bytes = self.buffer.numpy().data  # a memoryview of the mapping
         self.views = []
         self.records = []
-        for meta, offset in zip(metas, offsets):
-            shape = [b - a for a, b in meta.box]
+        for meta, offset in zip(every, offsets):
+            shape = _shape(meta)
             nbytes = int(torch.Size(shape).numel()) * meta.dtype.itemsize
             self.views.append(self.buffer[offset : offset + nbytes].view(meta.dtype).view(shape))
             self.records.append(ShardRecord(
                 key=meta.key, box=meta.box, global_shape=meta.global_shape, dtype=dtype_name(meta.dtype),
-                offset=offset, nbytes=nbytes,
+                offset=offset, nbytes=nbytes, flat=meta.flat if isinstance(meta, FlatMeta) else None,
             ))  # fmt: skip
         self.ranges = [(r.offset, r.offset + r.nbytes) for r in self.records]
         self.shards_json = shards_json(self.records)
@@ -223,11 +241,14 @@ class SnapshotWriter:
             finally:
                 self._idle.set()
 
-    def _slot_map(self, slot: str, metas: Sequence[ShardMeta]) -> _SlotMap:
+    def _slot_map(self, slot: str, metas: Sequence[ShardMeta], flat_metas: Sequence[FlatMeta]) -> _SlotMap:
         current = self._maps.get(slot)
-        if current is None or current.metas is not metas:
+        same_flat = current is not None and (
+            current.flat_metas is flat_metas or not (current.flat_metas or flat_metas)
+        )
+        if current is None or current.metas is not metas or not same_flat:
             self._maps.pop(slot, None)
-            current = _SlotMap(self.directory.data_path(slot), metas)
+            current = _SlotMap(self.directory.data_path(slot), metas, flat_metas)
             self._maps[slot] = current
         return current
 
@@ -238,8 +259,8 @@ class SnapshotWriter:
         slot = free[0] if free else min(self._complete, key=lambda s: self._complete[s])
         self._complete.pop(slot, None)
         directory.invalidate(slot)  # the older slot loses its manifest before any byte changes
-        slot_map = self._slot_map(slot, request.metas)
-        views, tensors = slot_map.views, list(request.tensors)
+        slot_map = self._slot_map(slot, request.metas, request.flat_metas)
+        views, tensors = slot_map.views, [*request.tensors, *request.flat_tensors]
         delayed = self.copy_delay.applies(request.iteration, self.launch_rank, directory.path)
         if delayed:
             half = len(views) // 2

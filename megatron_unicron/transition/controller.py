@@ -274,7 +274,9 @@ def _load(
         common, scheduler, progress = snap.common, snap.scheduler, snap.progress
     mstate.load_targets(bundle, targets, objects, common)
     if distopt_state.uses_distributed_optimizer(bundle):
-        step = next(p.adam_step for p in current if p.adam_step is not None)
+        fallback = snap.adam_step if snap else None
+        step = next((p.adam_step for p in current if p.adam_step is not None), fallback)
+        assert step is not None, "neither a live process nor a snapshot holds the Adam step"
         distopt_state.set_adam_step(bundle, step)
     restore_scheduler(bundle.scheduler, scheduler)
     for name, value in progress.items():
@@ -374,14 +376,15 @@ def run_transition(
             # Live copies leave a hole (e.g. a dead rank without a DP replica). Every process sees the same
             # hole and takes the same next rungs: snapshots of this iteration; else every member rolls back
             # to the newest snapshots that cover everything; else all reload the newest persistent
-            # checkpoint. Snapshots do not hold DistributedOptimizer shards (snapshot.service refuses that).
+            # checkpoint. Snapshots hold DistributedOptimizer shards as flat ranges, planned alongside.
             share = functools.partial(posts.exchange, f"snapshots.{round_}", me, len(live))
             usable = [h for h in holdings if h.rank not in excluded]  # their snapshots may still serve
+            flat_usable = [h for h in flat_holdings if h.rank not in excluded]
             first = {r: len(p.holdings) + len(p.flat_holdings) for r, p in everyone.items()}
-            if not flat_needs:
-                filled = ladder.fill_hole(trainer, decision, launch_rank=launch_rank, node=node,
-                                          target=target, live=usable, needs=needs, rank_node=rank_node,
-                                          first_index=first, share=share)  # fmt: skip
+            filled = ladder.fill_hole(trainer, decision, launch_rank=launch_rank, node=node,
+                                      target=target, live=usable, needs=needs, rank_node=rank_node,
+                                      first_index=first, share=share, flat_live=flat_usable,
+                                      flat_needs=flat_needs)  # fmt: skip
             if filled is None:
                 lap("plan")
                 return _from_checkpoint(trainer, decision, new_rank, seconds, lap, str(uncovered))

@@ -13,7 +13,9 @@ import pytest
 import torch
 from snapshot_fixtures import synthetic_shards
 
+from megatron_unicron.megatron.distopt_state import FlatMeta
 from megatron_unicron.snapshot.layout import SlotDirectory
+from megatron_unicron.snapshot.manifest import Manifest, ShardRecord
 from megatron_unicron.snapshot.reader import load_newest, load_slot
 from megatron_unicron.snapshot.writer import COPY_DELAY_ENV, CopyDelay, SnapshotRequest, SnapshotWriter
 
@@ -166,3 +168,43 @@ def test_a_writer_killed_mid_copy_leaves_the_previous_snapshot_valid(tmp_path: P
     last = new[-1].contiguous().view(torch.uint8).view(-1).numpy().tobytes()
     assert raw[offsets[0] : offsets[0] + len(first)] == first
     assert raw[offsets[-1] : offsets[-1] + len(last)] != last
+
+
+def flat_shards() -> tuple[list[FlatMeta], list[torch.Tensor]]:
+    """DistributedOptimizer-style shards: elements [3, 17) of a (4, 6) box, [0, 5) of a 1-D one."""
+    metas = [FlatMeta("optimizer.state.exp_avg.w", ((0, 4), (6, 12)), (4, 12), torch.float32, (3, 17)),
+             FlatMeta("optimizer.state.exp_avg_sq.b", ((0, 8),), (8,), torch.float32, (0, 5))]  # fmt: skip
+    return metas, [torch.arange(14.0), torch.arange(5.0) * -1]
+
+
+def test_flat_ranges_of_a_distributed_optimizer_read_back_after_the_boxes(tmp_path: Path) -> None:
+    metas, tensors = synthetic_shards()
+    flat_metas, flat_tensors = flat_shards()
+    writer = write(tmp_path, SnapshotRequest(iteration=3, generation=0, layout=(1, 2, 2), coords=(0, 1, 1),
+                                             metas=metas, tensors=tensors, state={"adam_step": 3.0},
+                                             flat_metas=flat_metas, flat_tensors=flat_tensors))  # fmt: skip
+    writer.close()
+    directory = SlotDirectory(tmp_path)
+    (m,) = directory.manifests()
+    assert [s.flat for s in m.shards] == [None] * len(metas) + [(3, 17), (0, 5)]
+    assert Manifest.from_json(m.to_json()) == m
+    loaded = load_slot(directory, m)
+    assert loaded is not None and loaded.corrupt == []
+    assert loaded.metas == metas and loaded.flat_metas == flat_metas
+    assert all(torch.equal(a, b) for a, b in zip(loaded.flat_tensors, flat_tensors, strict=True))
+    victim = m.shards[-2]  # a corrupt flat range is left out like a box
+    with open(directory.data_path(m.slot), "r+b") as f:
+        f.seek(victim.offset + 1)
+        f.write(b"\xff")
+    loaded = load_slot(directory, m)
+    assert loaded is not None and loaded.flat_metas == flat_metas[1:] and len(loaded.flat_tensors) == 1
+    assert loaded.corrupt == [f"{victim.key} {victim.box}"]
+
+
+def test_a_flat_range_must_fit_its_box_and_its_bytes() -> None:
+    record = dict(key="k", box=((0, 4), (0, 6)), global_shape=(4, 6), dtype="float32", offset=0)
+    assert ShardRecord(**record, nbytes=40, flat=(2, 12)).shape == (10,)
+    with pytest.raises(ValueError, match="flat range"):
+        ShardRecord(**record, nbytes=40, flat=(20, 30))
+    with pytest.raises(ValueError, match="bytes"):
+        ShardRecord(**record, nbytes=96, flat=(2, 12))

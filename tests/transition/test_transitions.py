@@ -324,8 +324,9 @@ def test_a_corrupt_replica_is_dropped_and_the_next_rung_serves(tmp_path: Path) -
 @pytest.mark.timeout(600)
 def test_a_killed_rank_of_a_distributed_optimizer_job_comes_back_from_the_checkpoint(tmp_path: Path) -> None:
     # The DistributedOptimizer keeps one copy of each optimizer shard (no DP replica holds the dead
-    # rank's), and snapshots leave it out: the only rung left is the checkpoint, which every member
-    # reloads; the loss curve is still that of the uninterrupted run.
+    # rank's), and this job takes no snapshots (tests/transition/test_distopt_snapshots.py does): the
+    # only rung left is the checkpoint, which every member reloads; the loss curve is still that of the
+    # uninterrupted run.
     distopt = ("--use-distributed-optimizer", "--save-interval", "5")
     ckpt = ("--save", str(tmp_path / "ckpt"))
     argv = [SCRIPT, *flags(tmp_path, "run", 1, 2, 12, *distopt, *ckpt), *unicron(tmp_path, "run", "kill:3:8")]
