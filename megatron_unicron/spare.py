@@ -2,7 +2,7 @@
 
 Restarting a failed worker (SEV2) in a fresh interpreter spends most of its time importing torch and
 megatron-core (1-3 s on a loaded CPU node) while the survivors wait for it. The agent therefore keeps one
-spare per node, started as ``python -u -m megatron_unicron.spare <script args | -m module args>``. The
+spare per node, running this module's ``main`` on ``<script args | -m module args>`` (``_BOOTSTRAP``). The
 spare imports what the worker's script imports at its top level (read from its syntax tree: nothing of
 the script runs) and, for scripts built on this package, the modules a worker loads while it heals; then
 it blocks on stdin. The agent hands it a worker's identity as one JSON line ``{"env": {...}}``: the spare
@@ -52,6 +52,18 @@ def spare_target(argv: Sequence[str]) -> list[str] | None:
     return list(argv[2:])
 
 
+# ``python -m`` would put the agent's working directory first on sys.path, so the spare could import a
+# different copy of a module than the worker (whose first entry is its script's directory) and run it.
+# The spare starts with the worker's sys.path instead; this package's own location comes last, only for
+# a worker that does not import it.
+_BOOTSTRAP = (
+    "import os, sys; target = sys.argv[1:]; "
+    "sys.path[0] = os.getcwd() if target[0] == '-m' else os.path.dirname(os.path.abspath(target[0])); "
+    f"sys.path.append({os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
+    "from megatron_unicron.spare import main; sys.exit(main(target))"
+)
+
+
 class WarmSpare:
     """The agent's handle on one spare process (started on the agent's thread, as workers are)."""
 
@@ -60,7 +72,7 @@ class WarmSpare:
         if target is None:
             raise ValueError(f"no warm spare for {' '.join(argv)!r}: it is not a Python script or module")
         self._popen: subprocess.Popen[bytes] = subprocess.Popen(
-            [argv[0], "-u", "-m", __name__, *target],
+            [argv[0], "-u", "-c", _BOOTSTRAP, *target],
             env=dict(env), stdin=subprocess.PIPE, start_new_session=True, preexec_fn=preexec,
         )
         self.pid = self._popen.pid

@@ -104,6 +104,28 @@ def test_a_handed_over_spare_is_the_worker(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "fresh.txt").read_text())["preloaded"] is False  # the control
 
 
+def test_the_spare_imports_what_the_worker_would_not_the_agents_working_directory(tmp_path: Path) -> None:
+    # The agent's working directory holds another copy of a module the script imports: a fresh
+    # `python -u script.py` takes the one beside the script, and so must the spare's preload.
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "scripts" / "helper_mod.py").write_text("WHERE = 'beside the script'\n")
+    (tmp_path / "cwd" / "helper_mod.py").write_text("WHERE = 'agent cwd'\n")
+    script = tmp_path / "scripts" / "worker.py"
+    script.write_text("import os\nimport helper_mod\n\nif __name__ == '__main__':\n"
+                      "    open(os.environ['OUT'], 'w').write(helper_mod.WHERE)\n")
+    here = os.getcwd()
+    os.chdir(tmp_path / "cwd")
+    try:
+        spare = WarmSpare((sys.executable, "-u", str(script)), dict(os.environ), bound_to_this_process())
+    finally:
+        os.chdir(here)
+    time.sleep(0.5)
+    process = spare.hand_over({**os.environ, "OUT": str(tmp_path / "out.txt")})
+    assert process.wait(timeout=60) == 0
+    assert (tmp_path / "out.txt").read_text() == "beside the script"
+
+
 def test_an_unused_spare_ends_quietly_and_a_dead_one_refuses_work(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
