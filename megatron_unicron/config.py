@@ -45,6 +45,10 @@ class DetectionConfig:
     grace_window_s: float = 0.5
     """Seconds to wait after a first fault report so that correlated reports join the same incident."""
 
+    settle_window_s: float = 0.1
+    """Seconds to wait instead, when a process exit, a lost node or a stopped process already explains
+    the incident (at most grace_window_s): enough for the other exits of one cause to arrive."""
+
     min_timeout_s: float = 0.5
     """A collective's adaptive timeout never drops below this many seconds (scheduler noise is no hang)."""
 
@@ -63,7 +67,7 @@ class DetectionConfig:
         for name in (*positive, "resume_timeout_s"):
             value = getattr(self, name)
             _require(value > 0, name, value, "must be a positive number of seconds")
-        for name in ("grace_window_s", "escalation_window_s"):
+        for name in ("grace_window_s", "settle_window_s", "escalation_window_s"):
             value = getattr(self, name)
             _require(value >= 0, name, value, "must be zero or a positive number of seconds")
         _require(self.lease_ttl_s > self.lease_interval_s, "lease_ttl_s", self.lease_ttl_s,

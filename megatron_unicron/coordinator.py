@@ -10,8 +10,9 @@ or until every worker is gone, then the job is stopped)::
     {"incident_log": "/path/incidents.jsonl" | null,   # where incident lines go (none: not written)
      "save": "/path/to/checkpoints" | null,            # --save (latest_checkpointed_iteration.txt)
      "detection": {"lease_interval_s": 1.0, "lease_ttl_s": 3.0, "slow_factor": 3.0,
-                   "warmup_floor_s": 2.0, "grace_window_s": 0.5, "escalation_window_s": 60.0,
-                   "resume_timeout_s": 120.0},         # UnicronConfig.detection; missing keys: defaults
+                   "warmup_floor_s": 2.0, "grace_window_s": 0.5, "settle_window_s": 0.1,
+                   "escalation_window_s": 60.0, "resume_timeout_s": 120.0},
+                                                       # UnicronConfig.detection; missing keys: defaults
      "world_size": 4,                                  # members of generation 0: launch ranks 0..n-1
      "layout": {"tp": 1, "pp": 2, "dp": 2},            # tp * pp * dp == world_size
      "train_iters": 20,                                # optional
@@ -300,7 +301,8 @@ class Coordinator:
             if self._open is None:
                 bound = collect_bound_s(self.detection, self.mean_iteration_s())
                 self._open = Collector(opened_at=now, generation=self.generation, members=self.members,
-                                       grace_s=self.detection.grace_window_s, bound_s=bound)
+                                       grace_s=self.detection.grace_window_s, bound_s=bound,
+                                       settle_s=self.detection.settle_window_s)
                 log.info("incident opened by %s on rank %s (%s)", event.kind.value, event.rank, event.node)
             self._open.add(event)
         self._seen = len(events)

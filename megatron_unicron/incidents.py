@@ -8,9 +8,13 @@ Collection. The first new report of a generation opens an incident. It closes
 
 1. at once when every member of the generation has reported, or is covered by a process- or node-level
    event (``exited`` names the rank, ``lost-node`` covers every rank of the node): nothing more can come;
-2. once ``grace_window_s`` has passed and every member is accounted for: reported, covered, or seen
-   stopped (``T``) or gone by its agent;
-3. at the latest after ``collect_bound_s`` (see there): ranks still silent then are either blocked in a
+2. once ``settle_window_s`` has passed, when a process-level signal already explains it: an ``exited``
+   or ``lost-node`` event, or a member its agent sees stopped (``T``). Nothing a silent peer could still
+   report would outrank it (peers report symptoms: resets, timeouts), and the silent peers learn the
+   decision when their timed wait ends; only further exits of the same cause are waited for;
+3. once ``grace_window_s`` has passed and every member is accounted for: reported, covered, or seen
+   stopped or gone by its agent;
+4. at the latest after ``collect_bound_s`` (see there): ranks still silent then are either blocked in a
    timed wait that never ended or hung.
 
 Root cause: the most severe event (``SEV1`` first); among equal severities a process or node signal
@@ -143,14 +147,15 @@ def covered_ranks(events: Iterable[FaultEvent], rank_node: Mapping[int, str]) ->
 
 
 class Collector:
-    """The events of one open incident, and when it closes (rules 1-3 of the module docstring)."""
+    """The events of one open incident, and when it closes (rules 1-4 of the module docstring)."""
 
     def __init__(self, *, opened_at: float, generation: int, members: Sequence[int], grace_s: float,
-                 bound_s: float) -> None:
+                 bound_s: float, settle_s: float | None = None) -> None:
         self.opened_at = opened_at
         self.generation = generation
         self.members = tuple(members)
         self.grace_s = grace_s
+        self.settle_s = grace_s if settle_s is None else min(settle_s, grace_s)
         self.bound_s = bound_s
         self.events: list[FaultEvent] = []
 
@@ -172,7 +177,15 @@ class Collector:
             return True
         if set(self.members) <= covered_ranks(self.events, rank_node):
             return True
+        if now >= self.opened_at + self.settle_s and self.explained(states):
+            return True
         return now >= self.opened_at + self.grace_s and not self.silent(rank_node, states)
+
+    def explained(self, states: Mapping[int, WorkerState]) -> bool:
+        """Whether a process-level signal explains the incident: an exit, a lost node, a stopped member."""
+        if any(e.kind in PROCESS_SIGNALS for e in self.events):
+            return True
+        return any(r in states and states[r].status == STOPPED for r in self.members)
 
 
 # A worker's monitor thread beats every half second while its process runs Python; a live member that

@@ -96,7 +96,8 @@ def test_every_leaf_is_a_flag_and_a_yaml_key() -> None:
                 "--unicron-device-memory-gib",
                 "--unicron-detection-lease-interval-s", "--unicron-detection-lease-ttl-s",
                 "--unicron-detection-slow-factor", "--unicron-detection-warmup-floor-s",
-                "--unicron-detection-grace-window-s", "--unicron-detection-min-timeout-s",
+                "--unicron-detection-grace-window-s", "--unicron-detection-settle-window-s",
+                "--unicron-detection-min-timeout-s",
                 "--unicron-detection-pg-timeout-s", "--unicron-detection-escalation-window-s",
                 "--unicron-detection-resume-timeout-s"}
     assert {f for f in flags if f.startswith("--unicron")} == expected

@@ -45,8 +45,9 @@ def states(**status):
 ALL_RUNNING = states(r0=RUNNING, r1=RUNNING, r2=RUNNING, r3=RUNNING)
 
 
-def collector(*events, opened_at=10.0, grace=0.5, bound=4.0):
-    c = Collector(opened_at=opened_at, generation=0, members=range(4), grace_s=grace, bound_s=bound)
+def collector(*events, opened_at=10.0, grace=0.5, bound=4.0, settle=None):
+    c = Collector(opened_at=opened_at, generation=0, members=range(4), grace_s=grace, bound_s=bound,
+                  settle_s=settle)
     for e in events:
         c.add(e)
     return c
@@ -94,13 +95,29 @@ def test_a_lost_node_covers_its_ranks():
     assert c.ready(12.0, NODES, ALL_RUNNING)
 
 
+def test_a_stopped_rank_explains_the_incident_after_the_settle_window():
+    c = collector(ev(ErrorKind.NCCL_TIMEOUT, 0), ev(ErrorKind.NCCL_TIMEOUT, 1), settle=0.1)
+    stopped = states(r0=RUNNING, r1=RUNNING, r2=STOPPED, r3=RUNNING)
+    assert not c.ready(10.05, NODES, stopped)
+    assert c.ready(10.1, NODES, stopped)  # rank 3 still silent: its timeout would not change the root
+    assert not c.ready(10.5, NODES, ALL_RUNNING)  # running and silent: maybe still in a timed wait
+    assert c.ready(14.0, NODES, ALL_RUNNING)  # ... but not beyond the bound
+
+
+def test_an_exit_explains_the_incident_after_the_settle_window_symptoms_wait_the_grace_window():
+    c = collector(ev(ErrorKind.CONN_RESET, 0), settle=0.1)
+    assert not c.ready(10.2, NODES, ALL_RUNNING)  # a reset alone: its cause may still be on its way
+    c.add(ev(ErrorKind.EXITED, 2, source="agent", exit_code=-9))
+    assert c.ready(10.1, NODES, ALL_RUNNING)  # ranks 1 and 3 silent: their symptoms cannot outrank it
+    assert not c.ready(10.05, NODES, ALL_RUNNING)  # other exits of the same cause get 0.1 s to arrive
+    assert collector(ev(ErrorKind.EXITED, 2, source="agent"), settle=0.9).settle_s == 0.5  # <= grace
+
+
 def test_a_stopped_rank_is_accounted_for_after_the_grace_window():
     c = collector(ev(ErrorKind.NCCL_TIMEOUT, 0), ev(ErrorKind.NCCL_TIMEOUT, 1), ev(ErrorKind.NCCL_TIMEOUT, 3))
     stopped = states(r0=RUNNING, r1=RUNNING, r2=STOPPED, r3=RUNNING)
-    assert not c.ready(10.3, NODES, stopped)
+    assert not c.ready(10.3, NODES, stopped)  # without a settle window, the grace window applies
     assert c.ready(10.5, NODES, stopped)
-    assert not c.ready(10.5, NODES, ALL_RUNNING)  # running and silent: maybe still in a timed wait
-    assert c.ready(14.0, NODES, ALL_RUNNING)  # ... but not beyond the bound
 
 
 def test_an_empty_collector_never_closes():
