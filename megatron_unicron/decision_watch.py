@@ -85,6 +85,13 @@ class DecisionWatch:
         self._remember(_Seen(generation, decision, at))
         return decision
 
+    def cached(self, generation: int) -> Decision | None:
+        """The decision for ``generation`` as last polled (no store read: safe inside a wait loop)."""
+        with self._lock:
+            self._wanted = generation
+            seen = self._seen
+        return seen.decision if seen is not None and seen.generation == generation else None
+
     def _remember(self, seen: _Seen) -> None:
         with self._lock:
             newer = self._seen is None or self._seen.generation != seen.generation or seen.at >= self._seen.at

@@ -104,7 +104,7 @@ class Healer:
             )
         )
         self.relaxed_s = detection.pg_timeout_s
-        timed_collectives.apply(self.timeouts)
+        timed_collectives.apply(self.timeouts, superseded=self._next_generation_decided)
         # The monitor thread's own store connection (a client connection is not shared between threads).
         self.monitor_channel = JobChannel(channel.store.clone(), channel.keys)
         self.monitor = IterationMonitor(
@@ -118,6 +118,7 @@ class Healer:
         self.next_decision.start()
         self.resume_pending = False
         self.transitions: list[TransitionReport] = []
+        self._entering: int | None = None  # the generation a transition in progress enters
 
     # ------------------------------------------------------------------ the step wrapper
     def attempt(self, step: Callable[[], T]) -> T:
@@ -163,7 +164,12 @@ class Healer:
         decision = self.next_decision.decision(self.generation + 1)
         if decision is None or decision.at_iteration is None or iteration < decision.at_iteration:
             return
-        report = self.follow(decision, broken=False)
+        try:
+            report = self.follow(decision, broken=False)
+        except Exception as error:  # the planned switch failed part-way: recover from it like a fault
+            self._transition_failed(decision, error)
+            self._follow_decisions(broken=True, error=error)
+            return
         if not report.member:
             self.wait_as_spare()
 
@@ -191,8 +197,19 @@ class Healer:
         if groups.abort_communicators():  # NCCL: unblock the main thread; gloo's waits time out by themselves
             logger.warning("unicron: aborted the NCCL communicators of iteration %d", iteration)
 
+    def _next_generation_decided(self) -> bool:
+        """Whether the job decided to leave this generation now (not a switch planned for later); while
+        a transition runs, whether it decided to leave the generation being entered."""
+        current = self.generation if self._entering is None else self._entering
+        decision = self.next_decision.cached(current + 1)
+        return decision is not None and decision.at_iteration is None
+
     def recover(self, error: BaseException) -> None:
         """Report ``error``, then follow decisions until this process trains again."""
+        if isinstance(error, timed_collectives.Superseded):  # the incident is decided: nothing to report
+            logger.info("unicron: rank %d %s", self.launch_rank, error)
+            self._follow_decisions(broken=True, error=error)
+            return
         kind = classify_exception(error)
         first_line = (str(error).splitlines() or [type(error).__name__])[0]
         event = self._event(kind, f"{type(error).__name__}: {first_line}")
@@ -202,7 +219,10 @@ class Healer:
             self.launch_rank, kind.value, event.iteration, phase, first_line,
         )  # fmt: skip
         self.channel.report(event)
-        broken = True
+        self._follow_decisions(broken=True, error=error)
+
+    def _follow_decisions(self, *, broken: bool, error: BaseException) -> None:
+        """Follow the coordinator's decisions after ``error`` until this process trains again."""
         while True:
             decision = self.channel.wait_decision(self.generation + 1, self.decision_timeout)
             if decision is None or decision.action is Action.STOP:
@@ -213,14 +233,7 @@ class Healer:
             try:
                 report = self.follow(decision, broken=broken)
             except Exception as again:  # a failure while recovering: report it, wait for the next decision
-                self.generation = decision.generation
-                built = self.trainer.generation
-                if built is not None and built.number == decision.generation:
-                    # Built for the new layout but never filled: freshly initialised weights, not the
-                    # job's state; it must not be offered as a source in the next transition.
-                    self.trainer.leave_generation(broken=True)
-                kind = classify_exception(again)
-                self.channel.report(self._event(kind, f"during transition: {type(again).__name__}: {again}"))
+                self._transition_failed(decision, again)
                 continue
             broken = False
             if report.member:
@@ -233,17 +246,40 @@ class Healer:
                 "unicron: rank %d is a warm spare in generation %d", self.launch_rank, self.generation
             )
 
+    def _transition_failed(self, decision: Decision, error: BaseException) -> None:
+        """Report a failure while entering ``decision.generation``; the next decision is awaited next."""
+        self.generation = decision.generation
+        built = self.trainer.generation
+        if built is not None and built.number == decision.generation:
+            # Built for the new layout but never filled: freshly initialised weights, not the job's
+            # state; it must not be offered as a source in the next transition.
+            self.trainer.leave_generation(broken=True)
+        kind = classify_exception(error)
+        logger.warning(
+            "unicron: rank %d failed entering generation %d: %s: %s",
+            self.launch_rank,
+            decision.generation,
+            type(error).__name__,
+            (str(error).splitlines() or [""])[0],
+        )
+        self.channel.report(self._event(kind, f"during transition: {type(error).__name__}: {error}"))
+
     def follow(self, decision: Decision, *, broken: bool) -> TransitionReport:
         """Enter ``decision.generation`` (the trainer may hold no state: a restarted process)."""
-        report = run_transition(
-            self.trainer,
-            self.trainer.guard,
-            decision,
-            launch_rank=self.launch_rank,
-            node=self.node,
-            broken=broken,
-            timeout=self.trainer.timeout,
-        )
+        self._entering = decision.generation
+        try:
+            report = run_transition(
+                self.trainer,
+                self.trainer.guard,
+                decision,
+                launch_rank=self.launch_rank,
+                node=self.node,
+                broken=broken,
+                timeout=self.trainer.timeout,
+                settled_timeout=self.trainer.op_timeout,
+            )
+        finally:
+            self._entering = None
         self.generation = decision.generation
         self.timeouts.reset()  # the statistics of the old layout do not describe the new one
         self.transitions.append(report)
@@ -296,7 +332,10 @@ class Healer:
             if self.launch_rank not in decision.live:
                 self.generation = decision.generation  # a generation without this process: wait on
                 continue
-            self.follow(decision, broken=False)
+            try:
+                self.follow(decision, broken=False)
+            except Exception as error:  # as in recover: report it, wait for the next decision
+                self._transition_failed(decision, error)
 
     def close(self) -> None:
         """Stop the monitor thread and restore the untimed collectives."""

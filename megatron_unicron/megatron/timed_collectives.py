@@ -8,6 +8,12 @@ that follows the statistics of that operation (``detect.watchdog``): a wait that
 the group without blocking (``groups.abandon_world``). Operations inside megatron's coalescing manager
 are waited as one, through a timed version of ``_coalescing_manager``.
 
+A wait also ends early once the job has decided the next generation (``apply``'s ``superseded``): a
+rank blocked on a peer that failed then follows the decision within a slice (``SLICE_S``) instead of
+waiting out its timeout, and raises :class:`Superseded`, which it does not report (the incident is
+decided already). Collectives are waited in slices; point-to-point works are not: a gloo send or recv
+whose wait times out closes its connection (measured), so a slice would break a healthy pipeline.
+
 With NCCL the wait is not timed here (a CUDA stream cannot be waited for from the CPU without a
 synchronize); the iteration monitor reports the hang and aborts the communicators instead
 (``groups.abort_communicators``).
@@ -55,6 +61,13 @@ SITES: tuple[PatchSite, ...] = (
 
 _PATCHES = PatchSet("megatron_unicron timed collectives")
 _waiting = [0]  # how many timed waits are in progress (read by the iteration monitor's thread)
+_superseded: list[Callable[[], bool] | None] = [None]  # set by apply: is the next generation decided?
+
+SLICE_S = 0.05
+"""How often a collective's wait checks whether the next generation was decided meanwhile."""
+
+# c10d's own message when ``Work.wait(timeout)`` expires; the work is still pending and can be waited again.
+_WAIT_EXPIRED = "operation timed out"
 
 
 def in_timed_wait() -> bool:
@@ -69,6 +82,18 @@ class CollectiveTimeout(RuntimeError):
         super().__init__(
             f"Timed out waiting {timeout_s * 1000:.0f}ms for {op} on ranks {list(group_ranks)} "
             f"(waited {waited_s:.2f}s; adaptive timeout)"
+        )
+        self.op = op
+        self.group_ranks = group_ranks
+
+
+class Superseded(RuntimeError):
+    """A wait left early because the job decided the next generation meanwhile (not a new fault)."""
+
+    def __init__(self, op: str, group_ranks: tuple[int, ...], waited_s: float) -> None:
+        super().__init__(
+            f"left the wait for {op} on ranks {list(group_ranks)} after {waited_s:.2f}s: "
+            "the next generation is decided"
         )
         self.op = op
         self.group_ranks = group_ranks
@@ -101,12 +126,15 @@ def _in_coalescing(group: Any) -> bool:
 class TimedWork:
     """A ``Work`` whose ``wait()`` uses the adaptive timeout and records the operation's duration."""
 
-    def __init__(self, works: list[Any], key: tuple[Any, ...], timeouts: AdaptiveTimeouts) -> None:
+    def __init__(
+        self, works: list[Any], key: tuple[Any, ...], timeouts: AdaptiveTimeouts, *, sliced: bool = True
+    ) -> None:
         self._works = [w for w in works if w is not None]
         self._key = key
         self._timeouts = timeouts
         self._issued = time.monotonic()
         self._done = False
+        self._sliced = sliced
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         """Wait for completion; raise CollectiveTimeout when the adaptive timeout expires first."""
@@ -116,23 +144,35 @@ class TimedWork:
         if timeout is not None:
             limit = min(limit, timeout.total_seconds())
         deadline = self._issued + limit
+        superseded = _superseded[0] if self._sliced else None
         _waiting[0] += 1
         try:
             for work in self._works:
-                remaining = max(deadline - time.monotonic(), 0.001)
-                try:
-                    work.wait(timedelta(seconds=remaining))
-                except RuntimeError as error:
-                    if "timed out" not in str(error).lower():
-                        raise
-                    raise CollectiveTimeout(
-                        self._key[0], self._key[1], time.monotonic() - self._issued, limit
-                    ) from error
+                self._wait_one(work, deadline, limit, superseded)
         finally:
             _waiting[0] -= 1
         self._done = True
         self._timeouts.record(self._key, time.monotonic() - self._issued)
         return True
+
+    def _wait_one(
+        self, work: Any, deadline: float, limit: float, superseded: Callable[[], bool] | None
+    ) -> None:
+        while True:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            chunk = remaining if superseded is None else min(remaining, SLICE_S)
+            try:
+                work.wait(timedelta(seconds=chunk))
+                return
+            except RuntimeError as error:
+                message = str(error).lower()
+                if "timed out" not in message:
+                    raise
+                waited = time.monotonic() - self._issued
+                if time.monotonic() >= deadline or _WAIT_EXPIRED not in message:
+                    raise CollectiveTimeout(self._key[0], self._key[1], waited, limit) from error
+                if superseded is not None and superseded():
+                    raise Superseded(self._key[0], self._key[1], waited) from error
 
     def is_completed(self) -> bool:
         """Whether every underlying work completed."""
@@ -183,7 +223,7 @@ def _timed_batch(original: Callable[..., Any], timeouts: AdaptiveTimeouts) -> Ca
         kinds = ",".join(op.op.__name__ for op in p2p_op_list)
         peers = tuple(sorted({op.peer for op in p2p_op_list}))
         key = (f"p2p[{kinds}] with", peers, sum(op.tensor.numel() for op in p2p_op_list))
-        return [TimedWork(list(works), key, timeouts)]
+        return [TimedWork(list(works), key, timeouts, sliced=False)]
 
     return wrapper
 
@@ -219,11 +259,16 @@ def _timed_coalescing_manager(original: Callable[..., Any], timeouts: AdaptiveTi
     return manager
 
 
-def apply(timeouts: AdaptiveTimeouts) -> None:
-    """Time every collective and p2p wait with ``timeouts`` (idempotent: re-applying swaps the policy)."""
+def apply(timeouts: AdaptiveTimeouts, superseded: Callable[[], bool] | None = None) -> None:
+    """Time every collective and p2p wait with ``timeouts`` (idempotent: re-applying swaps the policy).
+
+    ``superseded``, when given, is asked every ``SLICE_S`` by a collective still waiting: True ends the
+    wait with :class:`Superseded`. It must answer from memory (it runs on the training thread).
+    """
     if torch.cuda.is_available():
         return
     revert()
+    _superseded[0] = superseded
     import megatron.core.distributed.param_and_grad_buffer as buffers
 
     for name in COLLECTIVES:
@@ -235,6 +280,7 @@ def apply(timeouts: AdaptiveTimeouts) -> None:
 
 def revert() -> int:
     """Restore the original functions."""
+    _superseded[0] = None
     return _PATCHES.revert()
 
 

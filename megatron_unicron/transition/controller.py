@@ -303,8 +303,16 @@ def run_transition(
     node: str,
     broken: bool,
     timeout: timedelta,
+    settled_timeout: timedelta | None = None,
 ) -> TransitionReport:
-    """Take this process into ``decision.generation``; see the module docstring."""
+    """Take this process into ``decision.generation``; see the module docstring.
+
+    ``timeout`` bounds the first step, where a restarted process may still be importing; once every
+    process has posted there, each later wait (posts, the exchange's channel and its transfers) is
+    bounded by ``settled_timeout`` (default ``timeout``): a process that fails after the agreement then
+    holds the others for seconds, not for megatron's 10 minutes, and they report it and follow the next
+    decision.
+    """
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -324,6 +332,8 @@ def run_transition(
     if has_state:
         _align(trainer, guard, target, in_flight=broken)
     lap("agree")
+    if settled_timeout is not None:
+        posts.timeout = timeout = settled_timeout
 
     captured, flat_holdings_local, adam_step, coords, own = _capture(trainer, guard, broken)
     lap("capture")
