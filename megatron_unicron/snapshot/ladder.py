@@ -41,14 +41,13 @@ from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory, rank_dirs, replica_dirs
 from megatron_unicron.snapshot.manifest import Manifest
 from megatron_unicron.snapshot.reader import LoadedSnapshot, load_slot
-from megatron_unicron.transition.flat_plan import FlatHolding, FlatNeed, FlatPiece, plan_flat
+from megatron_unicron.transition.flat_plan import FlatHolding, FlatNeed, FlatPiece, plan_pieces
 from megatron_unicron.transition.transfer_plan import (
     Holding,
     Need,
+    Piece,
     SourceKind,
-    TransferPlan,
     UncoveredError,
-    plan_transfer,
 )
 
 if TYPE_CHECKING:
@@ -117,15 +116,9 @@ def flat_holdings(offers: Offers, iteration: int) -> list[FlatHolding]:
 
 @dataclass(frozen=True)
 class SnapshotPlan:
-    """A transfer that needs snapshots: its box pieces and its flat-range pieces."""
+    """A transfer that needs snapshots: box pieces first, then flat-range pieces."""
 
-    boxes: TransferPlan
-    flat: tuple[FlatPiece, ...] = ()
-
-    @property
-    def pieces(self) -> list[Any]:
-        """Every piece, boxes first (the exchange takes both kinds)."""
-        return [*self.boxes.pieces, *self.flat]
+    pieces: tuple[Piece | FlatPiece, ...]
 
 
 def plan_with(
@@ -136,11 +129,9 @@ def plan_with(
 
     Raises UncoveredError when they leave a hole.
     """
-    boxes = plan_transfer([*live, *holdings(offers, iteration)], needs, rank_node)
-    flat: tuple[FlatPiece, ...] = ()
-    if flat_needs:
-        flat = plan_flat([*flat_live, *flat_holdings(offers, iteration)], flat_needs, rank_node)
-    return SnapshotPlan(boxes, flat)
+    return SnapshotPlan(tuple(plan_pieces([*live, *holdings(offers, iteration)],
+                                          [*flat_live, *flat_holdings(offers, iteration)],
+                                          needs, flat_needs, rank_node)))  # fmt: skip
 
 
 def plan_rollback(

@@ -41,14 +41,13 @@ from megatron_unicron.megatron.guard import RngState, restore_scheduler
 from megatron_unicron.snapshot import ladder
 from megatron_unicron.store import Store
 from megatron_unicron.transition import exchange
-from megatron_unicron.transition.flat_plan import FlatHolding, FlatNeed, plan_flat
+from megatron_unicron.transition.flat_plan import FlatHolding, FlatNeed, plan_pieces
 from megatron_unicron.transition.transfer_plan import (
     Holding,
     Need,
     SourceKind,
     Tier,
     UncoveredError,
-    plan_transfer,
 )
 
 if TYPE_CHECKING:
@@ -379,9 +378,8 @@ def run_transition(
     for round_ in itertools.count():
         resume, filled = target, None
         try:
-            plan = plan_transfer(holdings, needs, rank_node, excluded_ranks=excluded)
-            pieces: list[Any] = list(plan.pieces)
-            pieces.extend(plan_flat(flat_holdings, flat_needs, rank_node, excluded_ranks=excluded))
+            pieces: list[Any] = plan_pieces(holdings, flat_holdings, needs, flat_needs, rank_node,
+                                            excluded_ranks=excluded)  # fmt: skip
         except UncoveredError as uncovered:
             # Live copies leave a hole (e.g. a dead rank without a DP replica). Every process sees the same
             # hole and takes the same next rungs: snapshots of this iteration; else every member rolls back

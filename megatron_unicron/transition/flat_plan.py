@@ -5,7 +5,8 @@ elements, so its shard of a tensor is not a box but the elements ``[start, stop)
 For each needed range the planner intersects the boxes, lists the elements both ranges cover with
 numpy, and serves each element from the nearest source (the same ladder as
 :mod:`megatron_unicron.transition.transfer_plan`); consecutive elements form runs ``(source offset,
-target offset, length)``, so a piece copies a few slices however the ranges fall. Pure code.
+target offset, length)``, so a piece copies a few slices however the ranges fall. :func:`plan_pieces`
+plans a transition's boxes and flat ranges together. Pure code.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import numpy as np
 from megatron_unicron.transition.transfer_plan import (
     Box,
     Holding,
+    Need,
+    Piece,
     SourceKind,
     Tier,
     UncoveredError,
     intersect,
+    plan_transfer,
     tier_of,
 )
 
@@ -147,3 +151,23 @@ def plan_flat(
                 "every holder is lost (add a snapshot or checkpoint)"
             )
     return tuple(pieces)
+
+
+def plan_pieces(
+    holdings: Sequence[Holding],
+    flat_holdings: Sequence[FlatHolding],
+    needs: Sequence[Need],
+    flat_needs: Sequence[FlatNeed],
+    rank_node: Mapping[int, str],
+    *,
+    excluded_ranks: frozenset[int] = frozenset(),
+) -> list[Piece | FlatPiece]:
+    """Every piece of a transition: the boxes' plan, then the flat ranges' (the exchange takes both).
+
+    Raises UncoveredError when either leaves a hole.
+    """
+    pieces: list[Piece | FlatPiece] = list(
+        plan_transfer(holdings, needs, rank_node, excluded_ranks=excluded_ranks).pieces
+    )
+    pieces.extend(plan_flat(flat_holdings, flat_needs, rank_node, excluded_ranks=excluded_ranks))
+    return pieces
