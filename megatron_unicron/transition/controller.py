@@ -11,11 +11,12 @@ Every live process of the job runs :func:`run_transition` with the same :class:`
    optimizer and scheduler for the new layout; warm spares do not.
 4. Every live process *posts* what it holds (and members what they need) to the store; all compute the
    same nearest-copy plan (:mod:`megatron_unicron.transition.transfer_plan`).
-5. The *exchange* runs over a private gloo channel of all live processes (spares serve too), every
-   piece checksummed. Every process posts which sources sent it a buffer that failed its checksum; if
-   any did, all plan again without those ranks (the next replica, else snapshots, else the checkpoint)
-   and exchange again. Then members load the result, and the trainer-level state (data position, LR
-   schedule, RNG of the same (TP, PP) position when the TP/PP degrees are unchanged).
+5. The *exchange* runs over the new world group (or, when spares serve too, a private gloo channel of
+   all live processes), every piece checksummed. Every process posts which sources sent it a buffer
+   that failed its checksum; if any did, all plan again without those ranks (the next replica, else
+   snapshots, else the checkpoint) and exchange again. Then members load the result, and the
+   trainer-level state (data position, LR schedule, RNG of the same (TP, PP) position when the TP/PP
+   degrees are unchanged).
 """
 
 from __future__ import annotations
@@ -112,6 +113,16 @@ class _Posts:
         keys = [f"{self.prefix}/{step}/{r}" for r in ranks]
         self.store.wait(keys, self.timeout)
         return {r: pickle.loads(self.store.get(k, self.timeout)) for r, k in zip(ranks, keys)}
+
+
+def _exchange_channel(trainer: Trainer, decision: Decision, prefix: str, me: int, timeout: timedelta) -> Any:
+    """The process group the exchange runs on: the new world group when every live process is a member in
+    the same order (its connections are up already: one full mesh less to form), else a private gloo
+    group of all live processes, spares included."""
+    if tuple(decision.live) == tuple(decision.members):
+        return dist.distributed_c10d._get_default_group()
+    store = dist.PrefixStore(prefix, trainer.store.c10d_store)
+    return dist.ProcessGroupGloo(store, me, len(decision.live), timeout)
 
 
 def _align(trainer: Trainer, guard: StepGuard, target: int, in_flight: bool) -> None:
@@ -406,10 +417,7 @@ def run_transition(
 
         channel: Any = None
         if exchange.pairs(pieces):
-            channel = dist.ProcessGroupGloo(
-                dist.PrefixStore(f"{posts.prefix}/channel{round_}", trainer.store.c10d_store), me, len(live),
-                timeout,
-            )  # fmt: skip
+            channel = _exchange_channel(trainer, decision, f"{posts.prefix}/channel{round_}", me, timeout)
         sources = [*own_sources, *(filled.tensors if filled else [])]
         tamper, trainer.transfer_tamper = trainer.transfer_tamper, None  # an injected fault fires once
         stats = exchange.execute(pieces, me, sources, views, channel=channel, timeout=timeout, tamper=tamper)
