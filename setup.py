@@ -31,6 +31,7 @@ setup(
         "pyyaml>=6",
         "psutil>=5.9",  # megatron-core's torch_dist checkpoint writers need it
         "numpy",
+        "crc32c>=2.3",  # hardware CRC-32C of snapshot shards and transferred state (checksum.py)
     ],
     extras_require={
         # transformer-engine only where CUDA is present: on a CPU machine it breaks `import megatron.core`.

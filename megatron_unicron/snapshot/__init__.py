@@ -10,7 +10,7 @@ or ``unicron: {snapshot_interval: N, persist_interval: M}`` in the YAML job conf
   a DistributedOptimizer rank's own flat ranges of the optimizer state)
   and its trainer-level state to node-local shared memory on a background thread while the next
   iteration's forward and backward run; the optimizer step waits for the copy (``service``,
-  ``writer``). Two slots per rank, each with a manifest written last and a CRC32 per shard, so a crash
+  ``writer``). Two slots per rank, each with a manifest written last and a CRC-32C per shard, so a crash
   mid-copy leaves the previous snapshot valid (``layout``, ``manifest``).
 * The node's agent owns the directory: the files outlive a crashed worker and are removed when the job
   ends; with several nodes it streams every new snapshot to node (k+1) mod nnodes, which keeps it under

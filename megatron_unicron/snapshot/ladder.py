@@ -2,7 +2,7 @@
 
 When the live copies leave a hole in the new layout (every process sees the same hole), each live process
 reads the snapshots it serves (both slots of each directory, iterations up to the agreed one), verifies
-them (CRC32 per shard: a corrupt shard is not offered, so the next rung serves it) and offers them to
+them (CRC-32C per shard: a corrupt shard is not offered, so the next rung serves it) and offers them to
 the others (:func:`fill_hole`):
 
 * its own snapshots;

@@ -1,14 +1,14 @@
 """The manifest of one snapshot slot: what the slot's files hold, and the checksums that prove it.
 
 A manifest is written (atomically, by ``os.replace``) only after its slot's files are complete, so its
-presence is the proof that the slot can be read; readers still verify every shard's CRC32, because
+presence is the proof that the slot can be read; readers still verify every shard's CRC-32C, because
 memory can be corrupted after the fact. It describes the shards the way megatron-core's sharded state
 dict does (key, box in the global tensor, global shape, dtype), independently of the layout, plus where
 each shard's bytes lie in the slot's data file, and the layout and position of the rank that wrote it.
 A DistributedOptimizer's shard is a *flat range* of its box (``flat``: elements ``[start, stop)`` in C
 order, as ``megatron.distopt_state`` describes it); such a record holds just those elements.
 The trainer-level state (progress, LR schedule, RNG, small objects) is a pickled file next to it, with
-its own CRC32 here.
+its own CRC-32C here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from megatron_unicron.transition.transfer_plan import Box
 
-FORMAT = 1
+FORMAT = 2  # 2: CRC-32C checksums (1: zlib CRC-32)
 SLOTS = ("a", "b")
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -132,7 +132,7 @@ class Manifest:
     state_crc: int
     shards: tuple[ShardRecord, ...]
     crcs: tuple[int, ...]
-    """CRC32 of each shard's bytes."""
+    """CRC-32C of each shard's bytes."""
     created: float
     format: int = FORMAT
 

@@ -1,4 +1,4 @@
-"""Reads snapshot slots back into private memory and verifies every shard against its CRC32.
+"""Reads snapshot slots back into private memory and verifies every shard against its CRC-32C.
 
 A slot is read only through its manifest (present only when the slot is complete). Its bytes are first
 copied into private memory, then checksummed, so that what was verified is exactly what is served even
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import pickle
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megatron_unicron.checksum import crc32c
 from megatron_unicron.megatron.distopt_state import FlatMeta
 from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory
@@ -81,7 +81,7 @@ def load_slot(directory: SlotDirectory, manifest: Manifest) -> LoadedSnapshot | 
     loaded = LoadedSnapshot(manifest=manifest, path=directory.path, metas=[], tensors=[])
     for record, crc in zip(manifest.shards, manifest.crcs):
         chunk = memoryview(data)[record.offset : record.offset + record.nbytes]
-        if zlib.crc32(chunk) != crc:
+        if crc32c(chunk) != crc:
             loaded.corrupt.append(f"{record.key} {record.box}")
             continue
         piece = whole[record.offset : record.offset + record.nbytes].view(dtype_of(record.dtype))
@@ -93,7 +93,7 @@ def load_slot(directory: SlotDirectory, manifest: Manifest) -> LoadedSnapshot | 
             continue
         loaded.metas.append(_shard_meta(record))
         loaded.tensors.append(piece.view(record.shape))
-    if zlib.crc32(state_bytes) == manifest.state_crc:
+    if crc32c(state_bytes) == manifest.state_crc:
         loaded.state = pickle.loads(state_bytes)
     else:
         loaded.corrupt.append("trainer state")

@@ -5,7 +5,7 @@ store) and a :class:`ReplicaSender` thread. The sender watches its node's rank d
 rank has a newer complete snapshot it streams it to the peer (node k sends to node (k+1) mod nnodes),
 file by file in fixed-size chunks, so memory stays bounded whatever the snapshot's size. The receiver
 writes it into ``replicas/<source node>/rank<R>/`` with the same two-slot discipline as a worker, then
-checks every shard's CRC32 against the manifest and publishes the manifest only if all match: a snapshot
+checks every shard's CRC-32C against the manifest and publishes the manifest only if all match: a snapshot
 torn by its writer while it was being sent (its slot reused) is refused and the previous replica stays.
 
 Wire format, per snapshot: an 8-byte big-endian length and a JSON header ``{"source", "manifest"}``,
@@ -21,12 +21,12 @@ import socket
 import socketserver
 import struct
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
+from megatron_unicron.checksum import crc32c
 from megatron_unicron.snapshot.layout import SlotDirectory, rank_dirs, replica_dir
 from megatron_unicron.snapshot.manifest import Manifest
 
@@ -61,7 +61,7 @@ def _crc_of_range(f: BinaryIO, offset: int, size: int) -> int:
         chunk = f.read(min(CHUNK, left))
         if not chunk:
             break
-        crc = zlib.crc32(chunk, crc)
+        crc = crc32c(chunk, crc)
         left -= len(chunk)
     return crc
 

@@ -2,15 +2,15 @@
 
 The training thread hands over *live* tensors (views of parameters and Adam state, no copy) right after
 an iteration committed; the writer thread copies their bytes into the slot that is not the newest
-(memory-mapped from shared memory), computes a CRC32 per shard, writes the pickled trainer state and
+(memory-mapped from shared memory), computes a CRC-32C per shard, writes the pickled trainer state and
 finally the manifest. A DistributedOptimizer rank's optimizer shards are flat ranges of boxes
 (``megatron.distopt_state.FlatMeta``); they are written after the boxes, one record each. Forward and
 backward of the next iteration run meanwhile (they do not modify parameters or optimizer state); the
 trainer calls :meth:`SnapshotWriter.wait` before the optimizer step, which is the only point where
 training can stall on a snapshot.
 
-The copy is one ``torch._foreach_copy_`` and the checksums are ``zlib.crc32`` on the mapped bytes: both
-release the GIL, so the training thread is not held up by them.
+The copy is one ``torch._foreach_copy_`` and the checksums are CRC-32C (``checksum``) on the mapped
+bytes: both release the GIL, so the training thread is not held up by them.
 
 ``UNICRON_SNAPSHOT_COPY_DELAY_S=SECONDS[@ITERATION[:RANK]]`` (tests only) sleeps half-way through a copy
 (every snapshot, or that iteration's, on every launch rank or that one), after writing
@@ -27,7 +27,6 @@ import pickle
 import queue
 import threading
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from megatron_unicron.checksum import crc32c
 from megatron_unicron.megatron.distopt_state import FlatMeta
 from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory
@@ -161,8 +161,8 @@ class _SlotMap:
         self.shards_json = shards_json(self.records)
 
     def checksums(self) -> tuple[int, ...]:
-        """CRC32 of every shard's bytes as they are now in the slot."""
-        return tuple(zlib.crc32(self.bytes[a:b]) for a, b in self.ranges)
+        """CRC-32C of every shard's bytes as they are now in the slot."""
+        return tuple(crc32c(self.bytes[a:b]) for a, b in self.ranges)
 
 
 @dataclass
@@ -280,7 +280,7 @@ class SnapshotWriter:
             job=self.job, node=self.node, launch_rank=self.launch_rank, slot=slot,
             iteration=request.iteration, generation=request.generation, sequence=self._sequence,
             layout=request.layout, coords=request.coords, data_bytes=slot_map.size, state_bytes=len(state),
-            state_crc=zlib.crc32(state), shards=tuple(slot_map.records), crcs=crcs, created=time.time(),
+            state_crc=crc32c(state), shards=tuple(slot_map.records), crcs=crcs, created=time.time(),
         )  # fmt: skip
         directory.commit(manifest, shards_json=slot_map.shards_json)
         self._complete[slot] = manifest.sequence

@@ -1,7 +1,7 @@
 """Executes a transfer plan with point-to-point messages, verifying every received piece.
 
 For every (source, destination) pair of the plan the source packs its pieces, in plan order, into one
-byte buffer and sends it with a CRC32 checksum; the destination checks the checksum before unpacking.
+byte buffer and sends it with a CRC-32C checksum; the destination checks the checksum before unpacking.
 Pieces a rank serves to itself are plain copies. A buffer that fails its checksum is not unpacked; its
 source is listed in :attr:`ExchangeStats.corrupt_sources`, so the caller can exclude that source and
 fall back to the next rung of the ladder.
@@ -10,7 +10,6 @@ fall back to the next rung of the ladder.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_unicron.checksum import crc32c
 from megatron_unicron.transition.flat_plan import FlatPiece
 from megatron_unicron.transition.transfer_plan import Box, Piece
 
@@ -48,8 +48,8 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def checksum(buffer: torch.Tensor) -> int:
-    """CRC32 of a uint8 CPU tensor (the wire format's checksum)."""
-    return zlib.crc32(buffer.numpy().tobytes()) if buffer.numel() else 0
+    """CRC-32C of a uint8 CPU tensor (the wire format's checksum), read in place."""
+    return crc32c(buffer.contiguous().numpy()) if buffer.numel() else 0
 
 
 def _read(piece: AnyPiece, sources: Sequence[torch.Tensor]) -> torch.Tensor:
