@@ -11,6 +11,11 @@ Why the answer is still exact enough: the coordinator announces a planned switch
 ``SWITCH_AHEAD_ITERATIONS``). At the start of any iteration a member's answer reflects the store as it
 was at most ``stale_s`` (< ``SWITCH_AHEAD_S``) earlier, so every member sees the decision before the
 switch's iteration and the members still switch together.
+
+The thread polls four times a second (one store round trip each: a faster poll costs every rank CPU
+for nothing). A collective still waiting on its peers asks ``cached(..., hurry=True)`` after each slice
+of its wait (``timed_collectives``): the thread then polls at once, so a rank blocked on a failed peer
+learns of the incident's decision within a slice or two.
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ class DecisionWatch:
         channel: JobChannel,
         poll_channel: JobChannel,
         *,
-        poll_s: float = 0.05,
-        stale_s: float = 0.3,
+        poll_s: float = 0.25,
+        stale_s: float = 0.6,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``channel`` is the caller's (training thread's) connection, ``poll_channel`` the thread's."""
@@ -58,6 +63,7 @@ class DecisionWatch:
         self._wanted: int | None = None
         self._seen: _Seen | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by close() and by hurry(): poll now
         self._thread = threading.Thread(target=self._main, name="unicron-decision-watch", daemon=True)
 
     def start(self) -> None:
@@ -67,6 +73,7 @@ class DecisionWatch:
     def close(self) -> None:
         """Stop polling and wait for the thread."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
 
@@ -85,11 +92,14 @@ class DecisionWatch:
         self._remember(_Seen(generation, decision, at))
         return decision
 
-    def cached(self, generation: int) -> Decision | None:
-        """The decision for ``generation`` as last polled (no store read: safe inside a wait loop)."""
+    def cached(self, generation: int, *, hurry: bool = False) -> Decision | None:
+        """The decision for ``generation`` as last polled (no store read: safe inside a wait loop);
+        ``hurry`` has the thread poll again at once (a caller blocked on a peer asks again shortly)."""
         with self._lock:
             self._wanted = generation
             seen = self._seen
+        if hurry:
+            self._wake.set()
         return seen.decision if seen is not None and seen.generation == generation else None
 
     def _remember(self, seen: _Seen) -> None:
@@ -99,7 +109,11 @@ class DecisionWatch:
                 self._seen = seen
 
     def _main(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        while True:
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             with self._lock:
                 wanted = self._wanted
             if wanted is None:

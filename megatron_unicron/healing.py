@@ -201,7 +201,7 @@ class Healer:
         """Whether the job decided to leave this generation now (not a switch planned for later); while
         a transition runs, whether it decided to leave the generation being entered."""
         current = self.generation if self._entering is None else self._entering
-        decision = self.next_decision.cached(current + 1)
+        decision = self.next_decision.cached(current + 1, hurry=True)
         return decision is not None and decision.at_iteration is None
 
     def recover(self, error: BaseException) -> None:

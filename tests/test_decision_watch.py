@@ -70,3 +70,21 @@ def test_a_switch_is_announced_at_least_a_second_and_three_iterations_ahead() ->
     assert switch_iteration(10, 2.0) == 13  # slow iterations: three of them are 6 s
     assert switch_iteration(10, 0.05) == 10 + 21  # fast ones: 20 iterations make the second, plus one
     assert switch_iteration(None, 0.5) == 3
+
+
+def test_a_hurried_watch_polls_at_once(store: TCPStoreBackend) -> None:
+    # A rank blocked on a failed peer asks with hurry=True after each slice of its wait: the published
+    # decision is seen long before the (here 10 s) regular poll.
+    watch = DecisionWatch(JobChannel(store.clone(), KEYS), JobChannel(store.clone(), KEYS), poll_s=10.0)
+    watch.start()
+    try:
+        assert watch.cached(1) is None
+        JobChannel(store.clone(), KEYS).publish_decision(planned(1))
+        time.sleep(0.3)
+        assert watch.cached(1) is None  # not hurried: the next regular poll is seconds away
+        started = time.monotonic()
+        watch.cached(1, hurry=True)
+        wait_until(lambda: watch.cached(1, hurry=True) is not None, timeout_s=2.0)
+        assert watch.cached(1) == planned(1) and time.monotonic() - started < 2.0
+    finally:
+        watch.close()
