@@ -46,8 +46,8 @@ class DetectionConfig:
     """Seconds to wait after a first fault report so that correlated reports join the same incident."""
 
     settle_window_s: float = 0.1
-    """Seconds to wait instead, when a process exit, a lost node or a stopped process already explains
-    the incident (at most grace_window_s): enough for the other exits of one cause to arrive."""
+    """Seconds to wait instead, when a process exit, a lost node, a stopped process or a bad device
+    already explains the incident (at most grace_window_s): enough for the other exits of one cause."""
 
     min_timeout_s: float = 0.5
     """A collective's adaptive timeout never drops below this many seconds (scheduler noise is no hang)."""

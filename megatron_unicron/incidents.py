@@ -8,10 +8,11 @@ Collection. The first new report of a generation opens an incident. It closes
 
 1. at once when every member of the generation has reported, or is covered by a process- or node-level
    event (``exited`` names the rank, ``lost-node`` covers every rank of the node): nothing more can come;
-2. once ``settle_window_s`` has passed, when a process-level signal already explains it: an ``exited``
-   or ``lost-node`` event, or a member its agent sees stopped (``T``). Nothing a silent peer could still
-   report would outrank it (peers report symptoms: resets, timeouts), and the silent peers learn the
-   decision when their timed wait ends; only further exits of the same cause are waited for;
+2. once ``settle_window_s`` has passed, when its root is known already: an ``exited`` or ``lost-node``
+   event, a member its agent sees stopped (``T``), or a SEV1 report (a bad device). Nothing a silent
+   peer could still report would outrank it (peers report symptoms: resets, timeouts), and the silent
+   peers learn the decision when their timed wait ends; only further exits of the same cause are
+   waited for;
 3. once ``grace_window_s`` has passed and every member is accounted for: reported, covered, or seen
    stopped or gone by its agent;
 4. at the latest after ``collect_bound_s`` (see there): ranks still silent then are either blocked in a
@@ -182,8 +183,9 @@ class Collector:
         return now >= self.opened_at + self.grace_s and not self.silent(rank_node, states)
 
     def explained(self, states: Mapping[int, WorkerState]) -> bool:
-        """Whether a process-level signal explains the incident: an exit, a lost node, a stopped member."""
-        if any(e.kind in PROCESS_SIGNALS for e in self.events):
+        """Whether the root is known: an exit, a lost node or a stopped member (process-level signals), or
+        a SEV1 report (a bad device: nothing outranks it)."""
+        if any(e.kind in PROCESS_SIGNALS or severity_of(e.kind) is Severity.SEV1 for e in self.events):
             return True
         return any(r in states and states[r].status == STOPPED for r in self.members)
 

@@ -111,6 +111,7 @@ def test_an_exit_explains_the_incident_after_the_settle_window_symptoms_wait_the
     assert c.ready(10.1, NODES, ALL_RUNNING)  # ranks 1 and 3 silent: their symptoms cannot outrank it
     assert not c.ready(10.05, NODES, ALL_RUNNING)  # other exits of the same cause get 0.1 s to arrive
     assert collector(ev(ErrorKind.EXITED, 2, source="agent"), settle=0.9).settle_s == 0.5  # <= grace
+    assert collector(ev(ErrorKind.ECC, 1), settle=0.1).ready(10.1, NODES, ALL_RUNNING)  # SEV1: the top
 
 
 def test_a_stopped_rank_is_accounted_for_after_the_grace_window():
