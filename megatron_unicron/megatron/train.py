@@ -138,6 +138,7 @@ class Trainer:
         self.before_step_hooks: list[Callable[[], None]] = []
         self.after_commit_hooks: list[Callable[[], None]] = []
         self.snapshots: SnapshotService | None = None  # in-memory snapshots, set by their service
+        self._heap_frozen = False
         # Alters what this process sends in its next transition (the fault injector's ``corrupt``).
         self.transfer_tamper: Callable[[torch.Tensor], None] | None = None
 
@@ -153,6 +154,15 @@ class Trainer:
     def start_generation(self, number: int, rank: int, world_size: int, tp: int, pp: int) -> Generation:
         """Create the world and megatron groups, then the model, optimizer and scheduler for (TP, PP)."""
         started = time.perf_counter()
+        if not self._heap_frozen:
+            # What lives before the first generation (torch, megatron-core and the other imports: most
+            # of the heap) lives to the end of the process: out of the cyclic collector's sight, a full
+            # collection walks only what came later. Without it, full collections pause every rank of a
+            # step for 0.1-0.3 s at once on this machine, which the adaptive timeouts of the peers they
+            # stall see as a hang. Only once: a later generation's objects, and a broken one's held
+            # while the next forms, must stay collectable.
+            gc.freeze()
+            self._heap_frozen = True
         store = self.store.c10d_store
         groups.init_world(store, self.store_prefix(number), rank, world_size, self.timeout, self.op_timeout)
         # With --unicron, DP replicas of a stage go to different nodes (a lost node keeps a copy).
