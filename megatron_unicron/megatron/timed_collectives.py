@@ -66,6 +66,10 @@ _superseded: list[Callable[[], bool] | None] = [None]  # set by apply: is the ne
 SLICE_S = 0.05
 """How often a collective's wait checks whether the next generation was decided meanwhile."""
 
+SUPERSEDED_AFTER_S = 0.2
+"""A wait asks only once it has lasted this long: a healthy wait for a pipeline's other stages often
+outlasts a slice, and an incident is not decided sooner than this after its fault (the settle window)."""
+
 # c10d's own message when ``Work.wait(timeout)`` expires; the work is still pending and can be waited again.
 _WAIT_EXPIRED = "operation timed out"
 
@@ -171,7 +175,7 @@ class TimedWork:
                 waited = time.monotonic() - self._issued
                 if time.monotonic() >= deadline or _WAIT_EXPIRED not in message:
                     raise CollectiveTimeout(self._key[0], self._key[1], waited, limit) from error
-                if superseded is not None and superseded():
+                if superseded is not None and waited >= SUPERSEDED_AFTER_S and superseded():
                     raise Superseded(self._key[0], self._key[1], waited) from error
 
     def is_completed(self) -> bool:
