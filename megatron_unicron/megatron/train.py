@@ -205,9 +205,11 @@ class Trainer:
         else:
             groups.destroy_world()
         # Model, DDP and optimizer reference each other (and the groups) in cycles: collect them now,
-        # or the groups' sockets stay open until some later collection.
+        # or the groups' sockets stay open until some later collection. Abandoned broken groups stay in
+        # the graveyard until the job ends (``finish``): gloo serves every group of a process from one
+        # transport event loop, and destroying old groups while a later generation runs is suspected of
+        # the intermittent stalls and closed connections seen after reattempts.
         gc.collect()
-        groups.release_drained(self.op_timeout)
 
     def ensure_datasets(self) -> None:
         """Build the (layout-independent) datasets once per process.
