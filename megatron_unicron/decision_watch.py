@@ -13,9 +13,9 @@ was at most ``stale_s`` (< ``SWITCH_AHEAD_S``) earlier, so every member sees the
 switch's iteration and the members still switch together.
 
 The thread polls four times a second (one store round trip each: a faster poll costs every rank CPU
-for nothing). A collective still waiting on its peers asks ``cached(..., hurry=True)`` after each slice
-of its wait (``timed_collectives``): the thread then polls at once, so a rank blocked on a failed peer
-learns of the incident's decision within a slice or two.
+for nothing). A collective that has waited on its peers for ``SUPERSEDED_AFTER_S`` asks
+``cached(..., hurry=True)`` after each further slice of its wait (``timed_collectives``): the thread then
+polls at once, so a rank blocked on a failed peer learns of the incident's decision within a slice or two.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class DecisionWatch:
         self._wanted: int | None = None
         self._seen: _Seen | None = None
         self._stop = threading.Event()
-        self._wake = threading.Event()  # set by close() and by hurry(): poll now
+        self._wake = threading.Event()  # set by close() and by cached(hurry=True): poll now
         self._thread = threading.Thread(target=self._main, name="unicron-decision-watch", daemon=True)
 
     def start(self) -> None:
