@@ -25,7 +25,7 @@ import os
 import re
 from pathlib import Path
 
-from megatron_unicron.snapshot.manifest import SLOTS, Manifest, read_manifest, write_atomically
+from megatron_unicron.snapshot.manifest import SLOTS, Manifest, read_manifest, write_atomically, write_bytes
 
 ROOT_ENV = "UNICRON_SNAPSHOT_ROOT"
 """Overrides the root of every job's snapshots (default ``/dev/shm/unicron``)."""
@@ -88,6 +88,9 @@ class SlotDirectory:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # File names as strings, joined once: a writer at N = 1 touches them every iteration.
+        self._names = {slot: {kind: os.fspath(path / f"{slot}.{kind}") for kind in ("state", "json")}
+                       for slot in SLOTS}  # fmt: skip
 
     def data_path(self, slot: str) -> Path:
         """The slot's shard bytes."""
@@ -130,12 +133,15 @@ class SlotDirectory:
 
     def invalidate(self, slot: str) -> None:
         """Remove ``slot``'s manifest (before its files are rewritten); creates the directory if needed."""
-        self.path.mkdir(parents=True, exist_ok=True)
         try:
-            self.manifest_path(slot).unlink()
+            os.unlink(self._names[slot]["json"])
         except FileNotFoundError:
-            pass
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_state(self, slot: str, data: bytes) -> None:
+        """Replace ``slot``'s pickled trainer state (the slot is invalid meanwhile)."""
+        write_bytes(self._names[slot]["state"], data)
 
     def commit(self, manifest: Manifest, *, shards_json: str | None = None) -> None:
         """Publish a slot whose files are complete (``shards_json``: its shards' JSON, if known)."""
-        write_atomically(self.manifest_path(manifest.slot), manifest.to_json(shards_json).encode())
+        write_atomically(self._names[manifest.slot]["json"], manifest.to_json(shards_json).encode())

@@ -181,11 +181,21 @@ def shards_json(shards: tuple[ShardRecord, ...] | list[ShardRecord]) -> str:
     return json.dumps([s.to_dict() for s in shards])
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create or truncate ``path`` and write ``data`` (unbuffered: three system calls)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``path`` so that a reader sees the old file or the whole new one, never part of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    tmp = f"{os.fspath(path)}.tmp"
+    write_bytes(tmp, data)
     os.replace(tmp, path)
 
 

@@ -274,8 +274,7 @@ class SnapshotWriter:
             torch._foreach_copy_(views, tensors)
         crcs = slot_map.checksums()
         state = dumps(request.state)
-        with open(directory.state_path(slot), "wb") as f:
-            f.write(state)
+        directory.write_state(slot, state)
         manifest = Manifest(
             job=self.job, node=self.node, launch_rank=self.launch_rank, slot=slot,
             iteration=request.iteration, generation=request.generation, sequence=self._sequence,
