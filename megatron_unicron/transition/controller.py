@@ -357,7 +357,7 @@ def run_transition(
         trainer.start_generation(decision.generation, new_rank, len(decision.members), layout.tp, layout.pp)
         assert trainer.generation is not None
         seconds.update(trainer.build_seconds)
-        clock = time.perf_counter() - sum(trainer.build_seconds.values())
+        clock += sum(trainer.build_seconds.values())  # "targets": the rest of the build, then the targets
         bundle = trainer.generation.bundle
         distopt = distopt_state.uses_distributed_optimizer(bundle)
         targets = mstate.prepare_targets(bundle, trainer.args, optimizer=not distopt)
