@@ -4,9 +4,10 @@ Restarting a failed worker (SEV2) in a fresh interpreter spends most of its time
 megatron-core (1-3 s on a loaded CPU node) while the survivors wait for it. The agent therefore keeps one
 spare per node, running this module's ``main`` on ``<script args | -m module args>`` (``_BOOTSTRAP``). The
 spare imports what the worker's script imports at its top level (read from its syntax tree: nothing of
-the script runs) and, for scripts built on this package, the modules a worker loads while it heals; then
-it blocks on stdin. The agent hands it a worker's identity as one JSON line ``{"env": {...}}``: the spare
-takes that environment as its own and runs the script as ``__main__`` (``runpy``), exactly as
+the script runs) and, for scripts built on this package, the modules a worker loads while it heals and
+the worker's datasets (``megatron.prepared``: they depend on the command line only); then it blocks on
+stdin. The agent hands it a worker's identity as one JSON line ``{"env": {...}}``: the spare takes that
+environment as its own and runs the script as ``__main__`` (``runpy``), exactly as
 ``python -u script.py args`` would, with the imports already in ``sys.modules``. End of input without a
 line means the spare was not needed: it exits 0.
 """
@@ -138,13 +139,18 @@ def _is_main_guard(node: ast.If) -> bool:
             and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators))
 
 
+def uses_package(names: Sequence[str]) -> bool:
+    """Whether a worker importing ``names`` is built on this package."""
+    return any(n == "megatron_unicron" or n.startswith("megatron_unicron.") for n in names)
+
+
 def modules_to_preload(target: Sequence[str]) -> list[str]:
     """What the spare imports for a worker command (``script args`` or ``-m module args``)."""
     if target[0] == "-m":
         names = [target[1]]
     else:
         names = script_imports(target[0])
-    if any(n == "megatron_unicron" or n.startswith("megatron_unicron.") for n in names):
+    if uses_package(names):
         names += [n for n in PACKAGE_MODULES if n not in names]
     if target[0] == "-m":
         names.remove(target[1])  # the module itself is the worker: it runs only once handed over
@@ -158,6 +164,16 @@ def preload(names: Sequence[str]) -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 (the worker raises the same error where it belongs)
             pass
+
+
+def prepare_datasets(target: Sequence[str]) -> None:
+    """Build the datasets the worker will ask for (``megatron.prepared``; quietly nothing if it cannot)."""
+    try:
+        from megatron_unicron.megatron import prepared
+    except Exception:  # noqa: BLE001 (the worker imports it, and reports the failure, itself)
+        return
+    argv = target[2:] if target[0] == "-m" else target[1:]
+    prepared.prepare_from_argv(argv, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def run_as_worker(target: Sequence[str], env: dict[str, str]) -> None:
@@ -180,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not target or (target[0] == "-m" and len(target) < 2):
         print("usage: python -m megatron_unicron.spare (script.py | -m module) [args]", file=sys.stderr)
         return 2
-    preload(modules_to_preload(target))
+    names = modules_to_preload(target)
+    preload(names)
+    if uses_package(names):
+        prepare_datasets(target)
     line = sys.stdin.readline()
     if not line.strip():
         return 0

@@ -138,3 +138,36 @@ def test_an_unused_spare_ends_quietly_and_a_dead_one_refuses_work(tmp_path: Path
     assert not (tmp_path / "out.txt").exists()  # the script never ran
     with pytest.raises(ValueError, match="not a Python script"):
         WarmSpare(("./train.sh",), dict(os.environ), bound_to_this_process())
+
+
+# A worker built on the package: it reports whether datasets for its own command line were ready.
+PACKAGE_WORKER = textwrap.dedent('''
+    import json
+    import os
+    import sys
+
+    from megatron_unicron.megatron import prepared
+
+    if __name__ == "__main__":
+        from megatron_unicron.megatron.args import parse_args, resolve_world
+
+        args = resolve_world(parse_args(sys.argv[1:]), int(os.environ["WORLD_SIZE"]))
+        ready = prepared.take(prepared.DatasetRequest.for_args(args))
+        with open(os.environ["OUT"], "w") as out:
+            json.dump({"prepared": ready is not None, "train": ready and len(ready.train)}, out)
+''')
+
+
+def test_a_spare_of_a_package_script_has_the_workers_datasets_ready(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(PACKAGE_WORKER)
+    flags = ["--yaml-cfg", str(ROOT / "examples/gpt/configs/tiny_gpt.yaml"), "--train-iters", "7"]
+    env = {**os.environ, "WORLD_SIZE": "4"}
+    spare = WarmSpare((sys.executable, "-u", str(script), *flags), env, bound_to_this_process())
+    process = spare.hand_over({**env, "OUT": str(tmp_path / "spare.txt")})
+    assert process.wait(timeout=120) == 0
+    seen = json.loads((tmp_path / "spare.txt").read_text())
+    assert seen["prepared"] is True and seen["train"] >= 7 * 8  # megatron's mock data has more
+    fresh = {**env, "OUT": str(tmp_path / "fresh.txt")}
+    subprocess.run([sys.executable, "-u", str(script), *flags], env=fresh, check=True, timeout=120)
+    assert json.loads((tmp_path / "fresh.txt").read_text())["prepared"] is False  # the control

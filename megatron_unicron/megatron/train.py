@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_unicron.events import Phase
-from megatron_unicron.megatron import data, groups
+from megatron_unicron.megatron import data, groups, prepared
 from megatron_unicron.megatron.groups import ParallelCoords
 from megatron_unicron.megatron.guard import StepGuard
 from megatron_unicron.megatron.model import ModelBundle, build_model_bundle
@@ -221,21 +221,12 @@ class Trainer:
             self.datasets = self._build_datasets()
 
     def _build_datasets(self) -> data.Datasets:
-        args = self.args
-        assert args.global_batch_size is not None
-        eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
-        return data.build_datasets(
-            data_path=args.data_path,
-            mock=args.mock_data,
-            split=args.split or "969, 30, 1",
-            seq_length=args.seq_length,
-            seed=args.seed,
-            tokenizer=self.tokenizer,
-            train_samples=args.train_iters * args.global_batch_size,
-            valid_samples=eval_runs * args.eval_iters * args.global_batch_size,
-            test_samples=args.eval_iters * args.global_batch_size,
-            data_cache_path=args.data_cache_path,
-        )
+        request = prepared.DatasetRequest.for_args(self.args)
+        ready = prepared.take(request)  # built by the warm spare this process was, if it was one
+        if ready is not None:
+            logger.info("unicron: datasets prepared by the warm spare taken over")
+            return ready
+        return request.build(self.tokenizer)
 
     # ------------------------------------------------------------------ one iteration
     def _microbatches(self, dataset: Any, consumed: int) -> list[dict[str, Any]] | None:
