@@ -343,14 +343,15 @@ def healthy_run(mode: str, tmp: Path, iters: int, first: int = 20) -> tuple[floa
 def spare_cost(timeout_s: float = 120.0) -> dict[str, float]:
     """What one node's warm spare costs once: CPU seconds and resident memory of its preloading.
 
-    Measured on a spare for ``pretrain_gpt.py`` from its start until it waits for a worker (its CPU time
-    stops moving), against the same imports in a plain interpreter for scale.
+    Measured on a spare for ``pretrain_gpt.py`` and the benchmark's job flags (it imports, then builds the
+    job's datasets) from its start until it waits for a worker (its CPU time stops moving).
     """
     from megatron_unicron.spare import WarmSpare
     from megatron_unicron.workers import bound_to_this_process
 
     started = time.monotonic()
-    spare = WarmSpare((sys.executable, "-u", SCRIPT), dict(os.environ), bound_to_this_process())
+    argv = (sys.executable, "-u", SCRIPT, "--yaml-cfg", YAML)  # the job's flags: it prepares its datasets too
+    spare = WarmSpare(argv, {**os.environ, "WORLD_SIZE": "4"}, bound_to_this_process())
     try:
         process = psutil.Process(spare.pid)
         last, still_since = -1.0, time.monotonic()
