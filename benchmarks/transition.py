@@ -9,6 +9,10 @@ decided -> resumed (first good step of the new generation); from the transition 
 writes one line per transition): the split of the transition (agree, capture, leave, groups, model,
 targets, plan, transfer, load), bytes received against the bytes the new layout needed from others, and
 iterations lost (committed iterations thrown away: the one in flight is redone, not lost).
+``node-returns`` loses a node early (iteration 20 of 1500), starts a new launcher for it once the job runs
+on the survivors, and measures the scale-up: the pause from the last step before the switch to the first
+step at the larger layout (no fault: detect and decide are "-"); its baseline is the relaunch of the
+whole job from the newest checkpoint that Megatron needs to change its size.
 
 The baseline, in the same run: Megatron's recovery. The whole job dies with the fault (a torchrun-style
 launcher ends the group), is relaunched with ``--load`` from the newest checkpoint (saved every
@@ -42,6 +46,8 @@ YAML = str(ROOT / "examples/gpt/configs/tiny_gpt.yaml")
 # it has when a fault strikes hours into a job; 103 keeps the baseline's recomputation at 2 iterations.
 FAULT_ITERATION = 103
 ITERS = 111
+SCALE_UP_FAULT_ITERATION = 20
+SCALE_UP_ITERS = 1500  # ~35 s on the survivors (23 ms per iteration), while the node's launcher starts
 MEGATRON_TIMEOUT_S = 600.0  # Megatron-LM's --distributed-timeout-minutes default: when it notices a hang
 
 
@@ -59,6 +65,10 @@ class Scenario:
     ranks: int = 4
     earlier: tuple[str, ...] = ()
     """Faults before ``fault`` (their incidents are not measured: the last incident is)."""
+    common: tuple[str, ...] = ()
+    """Flags of both runs, unicron's and the baseline's (the model and optimizer)."""
+    returns: bool = False
+    """The lost node comes back: the measured transition is the scale-up to the larger layout."""
 
 
 SCENARIOS = {
@@ -75,6 +85,15 @@ SCENARIOS = {
                  flags=("--unicron-restart-min-replicas", "1")),
         Scenario("dp4-rank-killed", f"kill:3:{FAULT_ITERATION}", what="a DP rank of four SIGKILLed",
                  tp_pp=(1, 1)),
+        Scenario("dp-rank-killed-allreduce", f"kill:3:{FAULT_ITERATION}:allreduce",
+                 what="a DP rank SIGKILLed in the gradient all-reduce"),
+        Scenario("dp-rank-killed-optimizer", f"kill:3:{FAULT_ITERATION}:optimizer",
+                 what="a DP rank SIGKILLed in the optimizer step"),
+        # The DistributedOptimizer shards Adam's state over DP: the killed rank's shard has no live copy,
+        # so it comes from the node's snapshot (every iteration).
+        Scenario("distopt-rank-killed", f"kill:3:{FAULT_ITERATION}", what="a DistributedOptimizer DP rank "
+                 "SIGKILLed", common=("--use-distributed-optimizer",),
+                 flags=("--unicron-snapshot-interval", "1")),
         Scenario("relayout", f"ecc:3:{FAULT_ITERATION}", what="an ECC error excludes a rank: PP re-layout"),
         Scenario("hang", f"hang:3:{FAULT_ITERATION}", what="a rank SIGSTOPped"),
         Scenario("hang-min1", f"hang:3:{FAULT_ITERATION}", what="the same, training on at DP 1",
@@ -85,6 +104,10 @@ SCENARIOS = {
         Scenario("tp2pp2-rank-kept-failing", f"kill:1:{FAULT_ITERATION}", tp_pp=(2, 2),
                  earlier=(f"kill:1:{FAULT_ITERATION - 40}",), what="a rank of TP2 PP2 killed a second time",
                  flags=("--unicron-snapshot-interval", "1")),
+        # Lost early, so that the returning node's launcher has time to import and join: the job runs on
+        # the survivors meanwhile, then switches to the larger layout at an iteration announced ahead.
+        Scenario("node-returns", f"node:3:{SCALE_UP_FAULT_ITERATION}", nnodes=2, returns=True,
+                 what="the lost node (2 ranks) back: scale-up"),
         # 2 nodes x 4 ranks; devices too small for TP or PP alone: the survivors keep TP2 PP2 at DP 1.
         Scenario("node-lost-8", f"node:4:{FAULT_ITERATION}", nnodes=2, ranks=8, tp_pp=(2, 2),
                  what="a node (4 of 8 ranks) lost at TP2 PP2 DP2",
@@ -119,7 +142,9 @@ def _flags(tmp: Path, name: str, scenario: Scenario, *extra: str) -> list[str]:
     tp, pp = scenario.tp_pp
     layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     metrics = ["--unicron-metrics-log", str(tmp / f"{name}.metrics.jsonl")]
-    return [SCRIPT, "--yaml-cfg", YAML, *layout, "--train-iters", str(ITERS), *metrics, *extra]
+    iters = SCALE_UP_ITERS if scenario.returns else ITERS
+    return [SCRIPT, "--yaml-cfg", YAML, *layout, "--train-iters", str(iters), *metrics, *scenario.common,
+            *extra]
 
 
 def _records(path: Path) -> list[dict]:
@@ -141,7 +166,13 @@ def unicron_run(scenario: Scenario, tmp: Path) -> Result:
     else:
         with start_job(argv, nproc_per_node=per_node, nnodes=scenario.nnodes, launcher_args=launcher,
                        timeout_s=600) as job:
+            if scenario.returns:
+                job.wait_for_output("-> reconfigure", timeout_s=240)
+                job.rejoin_node(scenario.nnodes - 1)
+                job.wait_for_output("scale-up to", timeout_s=240)
             result = job.wait()
+    if scenario.returns:
+        return _scale_up_result(scenario, tmp, result.nodes[0].returncode, result.output)
     incident = read_log(str(tmp / "incidents.jsonl"))[len(scenario.earlier)]
     if incident.get("t_resumed") is None:
         raise RuntimeError(f"{scenario.name}: the job did not resume\n{result.output[-3000:]}")
@@ -176,12 +207,44 @@ def unicron_run(scenario: Scenario, tmp: Path) -> Result:
     )
 
 
+def _scale_up_result(scenario: Scenario, tmp: Path, returncode: int, output: str) -> Result:
+    """The scale-up's pause: the last step before the switch -> the first step at the larger layout."""
+    metrics = _records(tmp / "unicron.metrics.jsonl")
+    transitions = [t for t in _records(tmp / "transitions.jsonl") if t["member"]]
+    if returncode != 0 or not transitions:
+        raise RuntimeError(f"{scenario.name}: the job failed or never scaled up\n{output[-3000:]}")
+    last_generation = max(t["generation"] for t in transitions)
+    switch = [t for t in transitions if t["generation"] == last_generation]
+    layout = switch[0]["layout"]
+    after = [m for m in metrics if m["layout"] == layout and m["iteration"] > SCALE_UP_FAULT_ITERATION]
+    before = [m for m in metrics if m["iteration"] < after[0]["iteration"] and m["layout"] != layout]
+    shrunk = [m["elapsed_ms"] / 1000 for m in before if m["iteration"] > SCALE_UP_FAULT_ITERATION + 2]
+    pause = after[0]["time"] - before[-1]["time"]
+    return Result(
+        scenario=scenario.name,
+        first_good_step_s=pause,
+        detect_s=float("nan"),
+        decide_s=float("nan"),
+        transition_s={k: max(t["seconds"].get(k, 0.0) for t in switch) for k in switch[0]["seconds"]},
+        resume_s=pause,
+        bytes_moved=sum(t["bytes_moved"] for t in switch),
+        bytes_needed=sum(t["bytes_needed"] for t in switch),
+        iterations_lost=before[-1]["iteration"] - min(t["resume_iteration"] for t in switch),
+        mean_iteration_s=statistics.median(shrunk) if shrunk else float("nan"),
+        baseline_s=float("nan"),
+        baseline_note="",
+        layout=layout,
+    )
+
+
 def baseline_run(scenario: Scenario, tmp: Path, save_interval: int) -> tuple[float, str]:
     """Megatron: the group dies, relaunches from the newest checkpoint, recomputes to the failed iteration."""
     if scenario.name.startswith("hang"):
         return MEGATRON_TIMEOUT_S, f"> {MEGATRON_TIMEOUT_S:.0f} s (collective timeout)"
     if scenario.name.startswith("node-lost"):
         return MEGATRON_TIMEOUT_S, "job down until an operator drains the node"
+    if scenario.returns:  # stopped and relaunched on all nodes from the newest checkpoint, as after a kill
+        scenario = Scenario(scenario.name, f"kill:3:{FAULT_ITERATION}", tp_pp=scenario.tp_pp)
     ckpt = tmp / "ckpt"
     argv = _flags(
         tmp, "baseline", scenario, "--save", str(ckpt), "--save-interval", str(save_interval),
@@ -214,6 +277,10 @@ def measure(names: Sequence[str], repeat: int, save_interval: int) -> list[Resul
     return results
 
 
+def _seconds(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN: not a fault (a scale-up)
+
+
 def table(results: Sequence[Result]) -> str:
     head = (
         "| scenario | layout after | restarted in | fault -> first good step | detect | decide "
@@ -229,7 +296,7 @@ def table(results: Sequence[Result]) -> str:
         )  # fmt: skip
         lines.append(
             f"| {r.scenario} | {r.layout} | {r.restarted_in or '-'} | {r.first_good_step_s:.2f} s "
-            f"| {r.detect_s:.2f} | {r.decide_s:.2f} | {split} | {r.resume_s:.2f} "
+            f"| {_seconds(r.detect_s)} | {_seconds(r.decide_s)} | {split} | {r.resume_s:.2f} "
             f"| {r.bytes_moved} / {r.bytes_needed} | {r.iterations_lost} "
             f"| {r.mean_iteration_s:.3f} s | {base} | {speed:.0f}x |"
         )
