@@ -9,7 +9,9 @@ SEV3       ``reattempt``: generation g+1 with the same members and layout; live 
 SEV2       ``restart``: generation g+1 with the same members; ``restart`` = the failed ranks (the dead,
            the hung, the rank that raised); one agent command per node,
            ``{"op": "restart", "ranks": [...], "generation": g+1, "kill_first": bool}`` (kill first
-           when one of those processes is still alive, e.g. a stopped one)
+           when one of those processes is still alive, e.g. a stopped one). When that would lose the
+           only copy of a rank's state (no DP replica, snapshot or checkpoint): ``reattempt`` for a
+           repeated in-band failure (the process is intact), else ``stop`` saying so
 SEV1       ``plan_fn(job_state, lost_nodes)`` when given (the seam for live reconfiguration), with
            ``job_state.live`` the survivors: live ranks minus the lost nodes' ranks, the dead
            processes and the root's rank (its device failed, or it kept failing); an excluded process
@@ -93,7 +95,7 @@ def latest_checkpoint(save: str | None) -> tuple[str | None, str]:
 def stop_reason(incident: Incident, settings: JobSettings) -> tuple[str, str | None]:
     """Why the job stops and how to resume it: ``(reason, checkpoint directory or None)``."""
     root = incident.root
-    at = f" at iteration {incident.iteration}" if incident.iteration is not None else ""
+    at = at_iteration(incident)
     if incident.exhausted:
         where = f"rank {root.rank} ({root.node})" if root.rank is not None else root.node
         detail = f": {root.message[:300]}" if root.message else ""
@@ -164,6 +166,21 @@ def decide(
                        ranks=_ranks_of(incident, settings), node=root.node)
     if incident.severity is Severity.SEV2:
         chosen = sorted(targets) if targets is not None else restart_targets(incident, members, states)
+        lost_state = state_without_copy(chosen, members, settings)
+        stuck = _hung(incident) | {r for r, state in states.items() if state.status == STOPPED}
+        in_band = all(_alive(r, states) and r not in stuck for r in chosen)
+        if lost_state and incident.escalated == "repeat" and in_band:
+            # The process that keeps failing still holds the only copy of its state: try in place again.
+            reason = (f"reattempt after {root.kind.value} again: a restart of rank(s) "
+                      f"{', '.join(map(str, chosen))} would lose {lost_state}")
+            return Verdict(incident=incident, decision=make(Action.REATTEMPT, reason),
+                           ranks=_ranks_of(incident, settings), node=root.node)
+        if lost_state:
+            _, resume_how = latest_checkpoint(settings.save)
+            reason = (f"rank(s) {', '.join(map(str, chosen))} cannot be restarted ({root.kind.value}) "
+                      f"without losing {lost_state}{at_iteration(incident)}; {resume_how}")
+            return Verdict(incident=incident, decision=make(Action.STOP, reason, keep=()),
+                           ranks=tuple(chosen), node=root.node, stop_reason=reason)
         commands: dict[str, dict[str, Any]] = {}
         for rank in chosen:
             cmd = commands.setdefault(settings.rank_node[rank], {
@@ -207,6 +224,35 @@ def decide(
                    checkpoint=checkpoint)
 
 
+def state_without_copy(chosen: Sequence[int], members: Sequence[int], settings: JobSettings) -> str:
+    """What restarting ``chosen`` would lose for good, or "" when its state has another copy.
+
+    A copy is a DP replica outside ``chosen`` (with the pipelines-first rank order, the member at the
+    same index in another ``tp·pp`` block), an in-memory snapshot or a persistent checkpoint. Unknown
+    when the job did not post its snapshot interval: then assumed to have one.
+    """
+    if settings.snapshot_interval is None or settings.snapshot_interval > 0:
+        return ""
+    if latest_checkpoint(settings.save)[0] is not None:
+        return ""
+    block = settings.layout.tp * settings.layout.pp
+    restarted = set(chosen)
+    for index, rank in enumerate(members):
+        if rank in restarted and all(r in restarted for r in members[index % block :: block]):
+            return (f"the only copy of rank {rank}'s state (no DP replica outside the restart, no "
+                    "snapshots, no checkpoint; --unicron-snapshot-interval or --save keeps one)")
+    return ""
+
+
+def at_iteration(incident: Incident) -> str:
+    """`` at iteration N`` when the incident knows its iteration."""
+    return f" at iteration {incident.iteration}" if incident.iteration is not None else ""
+
+
+def _hung(incident: Incident) -> set[int]:
+    return {e.rank for e in incident.events if e.kind is ErrorKind.TASK_HANG and e.rank is not None}
+
+
 def _kill_hung(
     incident: Incident, settings: JobSettings, states: Mapping[int, WorkerState], excluded: set[int],
     lost: frozenset[str], generation: int,
@@ -216,7 +262,7 @@ def _kill_hung(
     A rank the new layout leaves out reads the decision and exits; a stopped or hung one never would,
     and its node's agent would wait for it forever.
     """
-    hung = {e.rank for e in incident.events if e.kind is ErrorKind.TASK_HANG and e.rank is not None}
+    hung = _hung(incident)
     hung |= {r for r, state in states.items() if state.status == STOPPED}
     commands: dict[str, dict[str, Any]] = {}
     for rank in sorted(hung & excluded):

@@ -91,6 +91,9 @@ class JobSettings:
     incident_log: str | None = None
     save: str | None = None
     train_iters: int | None = None
+    snapshot_interval: int | None = None
+    """Iterations between in-memory snapshots (0: none); None when the job did not say (a restart is
+    then assumed to find its state)."""
 
     def __post_init__(self) -> None:
         if self.layout.world_size != self.world_size:
@@ -112,10 +115,11 @@ class JobSettings:
         known = {f for f in DetectionConfig.__dataclass_fields__}
         given = {k: v for k, v in dict(config.get("detection") or {}).items() if k in known}
         rank_node = {int(k): str(v) for k, v in dict(config.get("rank_node") or launch_rank_node).items()}
-        iters = config.get("train_iters")
+        iters, snapshots = config.get("train_iters"), config.get("snapshot_interval")
         return cls(job=job, world_size=world, layout=layout, rank_node=rank_node,
                    detection=DetectionConfig(**given), incident_log=config.get("incident_log"),
-                   save=config.get("save"), train_iters=int(iters) if iters is not None else None)
+                   save=config.get("save"), train_iters=int(iters) if iters is not None else None,
+                   snapshot_interval=int(snapshots) if snapshots is not None else None)
 
     def ranks_on(self, node: str) -> tuple[int, ...]:
         """Launch ranks placed on ``node``."""

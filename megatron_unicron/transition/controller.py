@@ -338,8 +338,9 @@ def run_transition(
     posts = _Posts(trainer.store, f"/unicron/{trainer.env.job}/transition/gen{decision.generation}", timeout)
     has_state = trainer.generation is not None
     committed = posts.exchange("committed", me, len(live), trainer.progress.iteration if has_state else -1)
-    target = min(c for c in committed.values() if c >= 0)
-    if has_state:
+    held = [c for c in committed.values() if c >= 0]
+    target = min(held) if held else None  # None: every holder of the job's state is gone
+    if has_state and target is not None:
         _align(trainer, guard, target, in_flight=broken)
     lap("agree")
     if settled_timeout is not None:
@@ -364,6 +365,9 @@ def run_transition(
         if distopt:  # the new optimizer's (zero) state tensors are filled in place
             flat_needs_local = distopt_state.optimizer_shards(bundle, trainer.args)
     lap("targets")
+    if target is None:
+        return _from_checkpoint(trainer, decision, new_rank, seconds, lap,
+                                "no process holds the job's state any more")
 
     post = _Post(
         committed=target,

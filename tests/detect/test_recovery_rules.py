@@ -358,3 +358,45 @@ def test_a_rank_flagged_as_hung_that_finishes_its_iteration_was_only_slow(
             assert decision is not None and decision.restart == (2,)
     finally:
         store.close()
+
+
+def _restart_verdict(failure: Incident, settings: JobSettings, **status: str):  # type: ignore[no-untyped-def]
+    return decide(failure, settings, generation=0, members=(0, 1, 2, 3), progress={},
+                  states=states(**status), lost_nodes=frozenset())
+
+
+def test_a_restart_that_would_lose_the_only_copy_of_a_state_is_not_tried(tmp_path: Path) -> None:
+    # TP2 PP2 DP1 without snapshots or a checkpoint: rank 1's state exists nowhere else.
+    bare = JobSettings(job="j", world_size=4, layout=LayoutSpec(tp=2, pp=2, dp=1), rank_node=NODES,
+                       snapshot_interval=0)
+    history = EscalationHistory(60.0)
+    history.record(event(ErrorKind.CONN_RESET, 1), Severity.SEV3, 10.0)
+    repeat = incident(event(ErrorKind.CONN_RESET, 1), history=history)
+    assert (repeat.severity, repeat.escalated) == (Severity.SEV2, "repeat")
+    # The process that keeps failing is intact: it tries in place again instead.
+    again = _restart_verdict(repeat, bare)
+    assert again.action is Action.REATTEMPT and "would lose the only copy of rank 1's state" in (
+        again.decision.reason)
+    # A stopped process cannot try again; a dead one has lost its state already: the job stops, saying why.
+    for status in ({"r1": STOPPED}, {"r1": EXITED}):
+        stop = _restart_verdict(repeat, bare, **status)
+        assert stop.action is Action.STOP and "rank(s) 1 cannot be restarted" in stop.stop_reason
+        assert "--unicron-snapshot-interval or --save" in stop.stop_reason
+    # Any other copy makes the restart worth it: snapshots, a checkpoint, a DP replica outside the restart.
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
+    keeps = (
+        JobSettings(job="j", world_size=4, layout=bare.layout, rank_node=NODES, snapshot_interval=1),
+        JobSettings(job="j", world_size=4, layout=bare.layout, rank_node=NODES, snapshot_interval=0,
+                    save=str(tmp_path)),
+        JobSettings(job="j", world_size=4, layout=LayoutSpec(tp=2, pp=1, dp=2), rank_node=NODES,
+                    snapshot_interval=0),
+        JobSettings(job="j", world_size=4, layout=bare.layout, rank_node=NODES),  # snapshots unknown
+    )
+    for settings in keeps:
+        assert _restart_verdict(repeat, settings).action is Action.RESTART, settings
+    # Both replicas of one shard restarted at once: nothing is left to copy from.
+    dp2 = keeps[2]
+    both = incident(event(ErrorKind.EXITED, 1), event(ErrorKind.EXITED, 3))
+    assert _restart_verdict(both, dp2, r1=EXITED, r3=EXITED).action is Action.STOP
+    one_each = incident(event(ErrorKind.EXITED, 0), event(ErrorKind.EXITED, 3))
+    assert _restart_verdict(one_each, dp2, r0=EXITED, r3=EXITED).action is Action.RESTART

@@ -228,7 +228,9 @@ def test_ten_reattempts_leak_nothing_and_match_exactly(reference, tmp_path: Path
     # Ten different (kind, rank) pairs: the same fault recurring on a rank would escalate to a restart.
     kinds = ("conn-reset", "network", "conn-refused", "link-flap", "nccl-timeout")
     faults = [f"{kinds[k // 2]}:{k % 2}:{2 + 2 * k}:backward" for k in range(10)]
-    extra = ("--unicron-detection-pg-timeout-s", "3")
+    # The peers' waits end with the decision: a longer floor only keeps loaded cores from a false timeout,
+    # which would be an eleventh incident.
+    extra = ("--unicron-detection-pg-timeout-s", "3", "--unicron-detection-min-timeout-s", "2")
     argv = [SCRIPT, *flags(tmp_path, "run", 2, 1, 22, *extra), *unicron(tmp_path, "run", *faults)]
     check(run_job(argv, nproc_per_node=2, timeout_s=500, launcher_args=UNICRON_LAUNCHER))
     found = incidents(tmp_path, "run")
