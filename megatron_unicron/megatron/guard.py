@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,23 @@ class StepGuard:
         self.enabled = enabled
         self.iteration_start: RngState | None = None
         self.pre_step: PreStepCopy | None = None
+        # The model's parameters and which of them the optimizer does not step, found once per model and
+        # optimizer state (walking the modules every iteration cost more than the copy itself).
+        self._layout_of: tuple[weakref.ref[Any], tuple[int, ...], list[torch.Tensor], list[int]] | None = None
+
+    def _model_layout(
+        self, model: Any, optimizer_tensors: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """``(parameters, indices of those the optimizer does not step)`` of ``model``."""
+        pointers = tuple(t.data_ptr() for t in optimizer_tensors)
+        cached = self._layout_of
+        if cached is not None and cached[0]() is model and cached[1] == pointers:
+            return cached[2], cached[3]
+        params = list(model.parameters())
+        stepped = set(pointers)
+        own = [i for i, p in enumerate(params) if p.data_ptr() not in stepped]
+        self._layout_of = (weakref.ref(model), pointers, params, own)
+        return params, own
 
     def begin_iteration(self) -> None:
         """Record the RNG at the start of an iteration (to redo it exactly)."""
@@ -131,9 +149,7 @@ class StepGuard:
         scaler = getattr(bundle.optimizer, "grad_scaler", None)
         previous = self.pre_step
         optimizer_tensors = _optimizer_tensors(bundle.optimizer)
-        stepped = {t.data_ptr() for t in optimizer_tensors}
-        params = list(bundle.gpt.parameters())
-        own = [i for i, p in enumerate(params) if p.data_ptr() not in stepped]
+        params, own = self._model_layout(bundle.gpt, optimizer_tensors)
         self.pre_step = PreStepCopy(
             iteration=progress.iteration,
             rng=self.iteration_start,

@@ -14,6 +14,11 @@ waiting out its timeout, and raises :class:`Superseded`, which it does not repor
 decided already). Collectives are waited in slices; point-to-point works are not: a gloo send or recv
 whose wait times out closes its connection (measured), so a slice would break a healthy pipeline.
 
+Gloo's reduce-scatter (alone or coalesced, as the DistributedOptimizer issues it) ignores the timeout
+given to ``wait``: its work runs inside ``wait`` and blocks until the group's own timeout (measured). Such
+a work is waited on a helper thread while the training thread keeps the adaptive timeout; after a
+timeout the helper stays blocked, holding the abandoned work, until the group's timeout ends it.
+
 With NCCL the wait is not timed here (a CUDA stream cannot be waited for from the CPU without a
 synchronize); the iteration monitor reports the hang and aborts the communicators instead
 (``groups.abort_communicators``).
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -128,10 +134,15 @@ def _in_coalescing(group: Any) -> bool:
 
 
 class TimedWork:
-    """A ``Work`` whose ``wait()`` uses the adaptive timeout and records the operation's duration."""
+    """A ``Work`` whose ``wait()`` uses the adaptive timeout and records the operation's duration.
+
+    ``blocking``: the works' own ``wait(timeout)`` does not return at the timeout (gloo's reduce-scatter);
+    they are waited on a helper thread.
+    """
 
     def __init__(
-        self, works: list[Any], key: tuple[Any, ...], timeouts: AdaptiveTimeouts, *, sliced: bool = True
+        self, works: list[Any], key: tuple[Any, ...], timeouts: AdaptiveTimeouts, *, sliced: bool = True,
+        blocking: bool = False,
     ) -> None:
         self._works = [w for w in works if w is not None]
         self._key = key
@@ -139,6 +150,7 @@ class TimedWork:
         self._issued = time.monotonic()
         self._done = False
         self._sliced = sliced
+        self._blocking = blocking
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         """Wait for completion; raise CollectiveTimeout when the adaptive timeout expires first."""
@@ -151,8 +163,11 @@ class TimedWork:
         superseded = _superseded[0] if self._sliced else None
         _waiting[0] += 1
         try:
-            for work in self._works:
-                self._wait_one(work, deadline, limit, superseded)
+            if self._blocking:
+                self._wait_on_helper(deadline, limit, superseded)
+            else:
+                for work in self._works:
+                    self._wait_one(work, deadline, limit, superseded)
         finally:
             _waiting[0] -= 1
         self._done = True
@@ -177,6 +192,34 @@ class TimedWork:
                     raise CollectiveTimeout(self._key[0], self._key[1], waited, limit) from error
                 if superseded is not None and waited >= SUPERSEDED_AFTER_S and superseded():
                     raise Superseded(self._key[0], self._key[1], waited) from error
+
+    def _wait_on_helper(self, deadline: float, limit: float, superseded: Callable[[], bool] | None) -> None:
+        finished = threading.Event()
+        failures: list[Exception] = []
+
+        def wait_all(works: list[Any]) -> None:
+            try:
+                for work in works:
+                    work.wait()
+            except Exception as error:  # handed to the training thread, or dropped once it has left
+                failures.append(error)
+            finally:
+                finished.set()
+
+        helper = threading.Thread(target=wait_all, args=(self._works,), name="unicron-blocking-wait")
+        helper.daemon = True  # a work abandoned at its timeout may block until the group's timeout
+        helper.start()
+        while True:
+            remaining = deadline - time.monotonic()
+            if finished.wait(max(0.0, min(remaining, SLICE_S) if superseded else remaining)):
+                break
+            waited = time.monotonic() - self._issued
+            if time.monotonic() >= deadline:
+                raise CollectiveTimeout(self._key[0], self._key[1], waited, limit)
+            if superseded is not None and waited >= SUPERSEDED_AFTER_S and superseded():
+                raise Superseded(self._key[0], self._key[1], waited)
+        if failures:
+            raise failures[0]
 
     def is_completed(self) -> bool:
         """Whether every underlying work completed."""
@@ -211,7 +254,8 @@ def _timed_collective(
             caller_async = bool(kwargs.get("async_op", False))
             kwargs["async_op"] = True
         key = (name, _group_ranks(group), _numel(args, kwargs))
-        work = TimedWork([original(*args, **kwargs)], key, timeouts)
+        blocking = name == "reduce_scatter_tensor"
+        work = TimedWork([original(*args, **kwargs)], key, timeouts, blocking=blocking)
         if caller_async:
             return work
         work.wait()
@@ -240,14 +284,23 @@ class _TimedCoalescing:
         self._timeouts = timeouts
         self._key = key
         self._timed: TimedWork | None = None
+        self.blocking = True
 
     def append(self, work: Any) -> None:
         self.works.append(work)
 
     def wait(self) -> None:
         if self._timed is None:
-            self._timed = TimedWork(self.works, self._key, self._timeouts)
+            self._timed = TimedWork(self.works, self._key, self._timeouts, blocking=self.blocking)
         self._timed.wait()
+
+
+def _coalesces_reduce_scatter(group: Any) -> bool:
+    """Whether the coalescing block open on ``group`` holds a reduce-scatter (True when it cannot tell:
+    ops issued straight to the backend leave no record)."""
+    target = dist.distributed_c10d._get_default_group() if group is None else group
+    ops = dist.distributed_c10d._world.pg_coalesce_state.get(target) or []
+    return not ops or any(op.op.__name__.startswith("reduce_scatter") for op in ops)
 
 
 def _timed_coalescing_manager(original: Callable[..., Any], timeouts: AdaptiveTimeouts) -> Callable[..., Any]:
@@ -256,6 +309,7 @@ def _timed_coalescing_manager(original: Callable[..., Any], timeouts: AdaptiveTi
         proxy = _TimedCoalescing(timeouts, ("coalesced", _group_ranks(group), 0))
         with original(group, device, async_ops=True) as inner:
             yield proxy
+            proxy.blocking = _coalesces_reduce_scatter(group)
         proxy.works = list(inner.works)
         if not async_ops:
             proxy.wait()
