@@ -1,4 +1,5 @@
-"""Timed collectives on real gloo ranks: sliced waits complete, and a decided generation ends a wait."""
+"""Timed collectives on real gloo ranks: sliced waits complete, a decided generation ends a wait, and
+reduce-scatters time out although gloo ignores their own wait timeout."""
 
 import re
 
