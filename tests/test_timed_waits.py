@@ -1,5 +1,6 @@
-"""Timed collectives on real gloo ranks: sliced waits complete, a decided generation ends a wait, and
-reduce-scatters time out although gloo ignores their own wait timeout."""
+"""Timed collectives on real gloo ranks: sliced waits complete, decisions end waits, reduce-scatters time out.
+
+Gloo ignores the timeout given to a reduce-scatter's own wait; the timed version keeps it."""
 
 import re
 
