@@ -12,7 +12,7 @@ import pytest
 
 from megatron_unicron.agent import AgentConfig, NodeAgent, Outcome
 from megatron_unicron.coordinator import Coordinator
-from megatron_unicron.decisions import JobState, decide
+from megatron_unicron.decisions import JobState, Verdict, decide
 from megatron_unicron.events import Action, Decision, ErrorKind, FaultEvent, LayoutSpec, Severity
 from megatron_unicron.incident_log import read_log
 from megatron_unicron.incidents import (
@@ -360,7 +360,7 @@ def test_a_rank_flagged_as_hung_that_finishes_its_iteration_was_only_slow(
         store.close()
 
 
-def _restart_verdict(failure: Incident, settings: JobSettings, **status: str):  # type: ignore[no-untyped-def]
+def _restart_verdict(failure: Incident, settings: JobSettings, **status: str) -> Verdict:
     return decide(failure, settings, generation=0, members=(0, 1, 2, 3), progress={},
                   states=states(**status), lost_nodes=frozenset())
 
