@@ -53,7 +53,9 @@ def test_sev3_kinds_reattempt_in_place_with_a_bit_identical_loss_curve(
     reference: list[float], tmp_path: Path
 ) -> None:
     specs = ("close:1:3:forward", *(spec for spec, *_ in SEV3))
-    run = train(tmp_path, "sev3", injects=specs)
+    # A false timeout on loaded cores would be a seventh incident: the waits' floor is raised (detection
+    # speed is the benchmark's business; the peers' waits end with the decision or at this floor).
+    run = train(tmp_path, "sev3", "--unicron-detection-min-timeout-s", "2", injects=specs)
     assert_fired(run, *specs)
     assert len(run.incidents) == 6, run.incidents
     close, *raised = run.incidents
