@@ -167,7 +167,7 @@ def decide(
     if incident.severity is Severity.SEV2:
         chosen = sorted(targets) if targets is not None else restart_targets(incident, members, states)
         lost_state = state_without_copy(chosen, members, settings)
-        stuck = _hung(incident) | {r for r, state in states.items() if state.status == STOPPED}
+        stuck = _stuck(incident, states)
         in_band = all(_alive(r, states) and r not in stuck for r in chosen)
         if lost_state and incident.escalated == "repeat" and in_band:
             # The process that keeps failing still holds the only copy of its state: try in place again.
@@ -249,8 +249,10 @@ def at_iteration(incident: Incident) -> str:
     return f" at iteration {incident.iteration}" if incident.iteration is not None else ""
 
 
-def _hung(incident: Incident) -> set[int]:
-    return {e.rank for e in incident.events if e.kind is ErrorKind.TASK_HANG and e.rank is not None}
+def _stuck(incident: Incident, states: Mapping[int, WorkerState]) -> set[int]:
+    """Ranks that cannot act by themselves: reported hung, or stopped."""
+    hung = {e.rank for e in incident.events if e.kind is ErrorKind.TASK_HANG and e.rank is not None}
+    return hung | {r for r, state in states.items() if state.status == STOPPED}
 
 
 def _kill_hung(
@@ -262,10 +264,8 @@ def _kill_hung(
     A rank the new layout leaves out reads the decision and exits; a stopped or hung one never would,
     and its node's agent would wait for it forever.
     """
-    hung = _hung(incident)
-    hung |= {r for r, state in states.items() if state.status == STOPPED}
     commands: dict[str, dict[str, Any]] = {}
-    for rank in sorted(hung & excluded):
+    for rank in sorted(_stuck(incident, states) & excluded):
         node = settings.rank_node.get(rank)
         if node is None or node in lost or not _alive(rank, states):
             continue

@@ -187,11 +187,22 @@ class TimedWork:
                 message = str(error).lower()
                 if "timed out" not in message:
                     raise
-                waited = time.monotonic() - self._issued
-                if time.monotonic() >= deadline or _WAIT_EXPIRED not in message:
+                if _WAIT_EXPIRED not in message:  # gloo's own timeout: the work is over
+                    waited = time.monotonic() - self._issued
                     raise CollectiveTimeout(self._key[0], self._key[1], waited, limit) from error
-                if superseded is not None and waited >= SUPERSEDED_AFTER_S and superseded():
-                    raise Superseded(self._key[0], self._key[1], waited) from error
+                self._leave_if_due(deadline, limit, superseded, cause=error)
+
+    def _leave_if_due(
+        self, deadline: float, limit: float, superseded: Callable[[], bool] | None,
+        cause: BaseException | None = None,
+    ) -> None:
+        """Raise CollectiveTimeout once ``deadline`` has passed, Superseded once the next generation is
+        decided (asked only after ``SUPERSEDED_AFTER_S``); else return to wait another slice."""
+        waited = time.monotonic() - self._issued
+        if time.monotonic() >= deadline:
+            raise CollectiveTimeout(self._key[0], self._key[1], waited, limit) from cause
+        if superseded is not None and waited >= SUPERSEDED_AFTER_S and superseded():
+            raise Superseded(self._key[0], self._key[1], waited) from cause
 
     def _wait_on_helper(self, deadline: float, limit: float, superseded: Callable[[], bool] | None) -> None:
         finished = threading.Event()
@@ -213,11 +224,7 @@ class TimedWork:
             remaining = deadline - time.monotonic()
             if finished.wait(max(0.0, min(remaining, SLICE_S) if superseded else remaining)):
                 break
-            waited = time.monotonic() - self._issued
-            if time.monotonic() >= deadline:
-                raise CollectiveTimeout(self._key[0], self._key[1], waited, limit)
-            if superseded is not None and waited >= SUPERSEDED_AFTER_S and superseded():
-                raise Superseded(self._key[0], self._key[1], waited)
+            self._leave_if_due(deadline, limit, superseded)
         if failures:
             raise failures[0]
 
@@ -241,6 +248,7 @@ def _timed_collective(
     # every call would cost more than the gloo call itself for a small tensor.
     names = list(inspect.signature(original).parameters)
     group_at, async_at = names.index("group"), names.index("async_op")
+    blocking = name == "reduce_scatter_tensor"
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -254,7 +262,6 @@ def _timed_collective(
             caller_async = bool(kwargs.get("async_op", False))
             kwargs["async_op"] = True
         key = (name, _group_ranks(group), _numel(args, kwargs))
-        blocking = name == "reduce_scatter_tensor"
         work = TimedWork([original(*args, **kwargs)], key, timeouts, blocking=blocking)
         if caller_async:
             return work

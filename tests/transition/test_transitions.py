@@ -225,7 +225,7 @@ def test_eight_ranks_lose_a_node_at_tp2pp2dp2_and_go_on_at_dp1(tmp_path: Path) -
 @pytest.mark.timeout(600)
 def test_ten_reattempts_leak_nothing_and_match_exactly(reference, tmp_path: Path) -> None:
     _, curves = reference
-    # Ten different (kind, rank) pairs: the same fault recurring on a rank would escalate to a restart.
+    # Ten different (kind, rank) pairs: the same fault recurring on a rank would be graded up to SEV2.
     kinds = ("conn-reset", "network", "conn-refused", "link-flap", "nccl-timeout")
     faults = [f"{kinds[k // 2]}:{k % 2}:{2 + 2 * k}:backward" for k in range(10)]
     # The peers' waits end with the decision: a longer floor only keeps loaded cores from a false timeout,
