@@ -21,6 +21,7 @@ timed_collectives.apply(AdaptiveTimeouts(TimeoutPolicy(warmup_floor_s=10.0)),
                         superseded=lambda: time.monotonic() >= decided_at[0])
 
 x = torch.tensor([float(rank + 1)])
+dist.barrier()  # both ranks start the case together: rank 1 is then late by its sleep, not by start-up
 if rank == 1:
     time.sleep(0.3)
 start = time.monotonic()
