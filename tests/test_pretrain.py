@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_unicron.megatron.pretrain import report_once
 from megatron_unicron.testing.harness import JobResult, assert_no_leaks, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +177,30 @@ def test_bad_input_is_one_line_naming_the_flag(flags: list[str], nproc: int, mus
     lines = error_lines(result)
     assert len(lines) == 1, result.stderr
     assert must_name in lines[0], lines[0]
+
+
+def test_a_message_every_rank_finds_is_printed_once_per_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ranks of one launch attempt: error files <attempt>/<local_rank>/error.json, as both launchers lay out.
+    for local_rank in (1, 0, 2):
+        error_dir = tmp_path / "attempt_0" / str(local_rank)
+        error_dir.mkdir(parents=True)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_dir / "error.json"))
+        report_once(f"error: from local rank {local_rank}")
+    (tmp_path / "attempt_1" / "0").mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "attempt_1" / "0" / "error.json"))
+    report_once("error: next attempt")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    report_once("error: no launcher")
+    report_once("error: no launcher")
+    printed = capsys.readouterr().err.splitlines()
+    assert printed == [
+        "error: from local rank 1",
+        "error: next attempt",
+        "error: no launcher",
+        "error: no launcher",
+    ]
 
 
 @pytest.mark.timeout(600)

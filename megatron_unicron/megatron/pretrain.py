@@ -31,6 +31,27 @@ logger = logging.getLogger("megatron_unicron")
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
+REPORTED_MARK = "unicron_reported"
+
+
+def report_once(line: str) -> None:
+    """Print a message that every rank finds (bad flags, a stopped job) once per node.
+
+    The first of a node's ranks to get here prints it: it claims a mark in the launch attempt's
+    directory, the one holding each worker's ``TORCHELASTIC_ERROR_FILE`` (``unicron-run`` and torchrun
+    both lay it out so). Printing from rank 0 alone lost the line whenever another rank exited first
+    and the launcher ended rank 0 before it printed. A process without a launcher just prints.
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        mark = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(error_file))), REPORTED_MARK)
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        except OSError:
+            pass  # no mark to share: better twice than never
+    print(line, file=sys.stderr, flush=True)
 
 
 def configure_logging(rank: int) -> None:
@@ -155,17 +176,13 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
     try:
         args = resolve_world(parse_args(argv, prog=prog), env.world_size)
     except UnicronError as error:
-        if env.rank == 0:
-            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        report_once(f"{prog}: error: {error}")
         return EXIT_BAD_INPUT
     if args.unicron.enabled and os.environ.get("UNICRON_MODE") != "unicron":
-        if env.rank == 0:
-            print(
-                f"{prog}: error: --unicron needs a self-healing launcher: start the job with "
-                "'unicron-run --unicron ...' (it runs the coordinator that answers failures)",
-                file=sys.stderr,
-                flush=True,
-            )
+        report_once(
+            f"{prog}: error: --unicron needs a self-healing launcher: start the job with "
+            "'unicron-run --unicron ...' (it runs the coordinator that answers failures)",
+        )
         return EXIT_BAD_INPUT
     configure_logging(env.rank)
     leaks.write_report_if_requested("start")
@@ -206,12 +223,10 @@ def pretrain(forward_step_func: ForwardStepFunc, argv: Sequence[str] | None = No
     except TrainingDone:
         trainer.finish()
     except JobStopped as stop:
-        if env.rank == 0:
-            print(f"{prog}: {stop}", file=sys.stderr, flush=True)
+        report_once(f"{prog}: {stop}")
         return EXIT_STOPPED
     except UnicronError as error:
-        if env.rank == 0:
-            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        report_once(f"{prog}: error: {error}")
         return EXIT_BAD_INPUT
     finally:
         if snapshots is not None:
