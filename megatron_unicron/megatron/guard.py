@@ -12,7 +12,11 @@ the same iteration.
 
 The copy costs one fused memcpy of the optimizer's tensors per iteration into buffers reused from the
 previous one (host memory on CPU), plus the model parameters the optimizer does not step itself;
-it is taken only with ``--unicron`` (without it no recovery ever undoes a step).
+it is taken only with ``--unicron`` (without it no recovery ever undoes a step). When an in-memory
+snapshot of the same committed iteration has just been copied (``--unicron-snapshot-interval 1``), the
+guard takes the tensors that snapshot holds from its slot instead of copying them a second time
+(``copy_source``); the slot stays untouched until the next snapshot, which is written after the next
+commit, when this copy is no longer needed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import copy
 import random
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +87,36 @@ def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
     return tensors
 
 
+@dataclass(frozen=True)
+class KeptCopy:
+    """Copies of live tensors kept elsewhere (a finished snapshot): ``copies[i]`` holds the bytes
+    ``tensors[i]`` had after the commit of ``iteration`` (committed count)."""
+
+    iteration: int
+    tensors: Sequence[torch.Tensor]
+    copies: Sequence[torch.Tensor]
+
+
+def _bytes_key(t: torch.Tensor) -> tuple[int, torch.dtype, int]:
+    return t.data_ptr(), t.dtype, t.numel()
+
+
+def _copies_in(kept: KeptCopy, sources: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """For each of ``sources``, the kept copy of exactly its bytes (viewed in its shape), or None.
+
+    A kept tensor may be a reshaped view of a source (megatron's sharded state adds a layer axis)."""
+    found = {
+        _bytes_key(t): c
+        for t, c in zip(kept.tensors, kept.copies, strict=True)
+        if t.is_contiguous() and c.is_contiguous()
+    }
+    covered: list[torch.Tensor | None] = []
+    for source in sources:
+        copy_ = found.get(_bytes_key(source)) if source.is_contiguous() else None
+        covered.append(copy_.view(source.shape) if copy_ is not None else None)
+    return covered
+
+
 def _copy_into(buffers: list[torch.Tensor] | None, sources: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of ``sources``: into last step's ``buffers`` when they still match (one fused copy, no
     allocation: per-tensor clones of a few hundred small tensors cost more than the bytes), else new."""
@@ -119,6 +154,15 @@ class StepGuard:
         self.enabled = enabled
         self.iteration_start: RngState | None = None
         self.pre_step: PreStepCopy | None = None
+        self.copy_source: Callable[[int], KeptCopy | None] | None = None
+        """Asked before each step for a kept copy of the committed iteration (the snapshot service)."""
+        self._buffers: list[torch.Tensor] | None = None
+        self._rest: list[torch.Tensor] | None = None  # what a kept copy lacks (Adam's step counters)
+        self.kept_tensors = 0
+        """How many tensors the pre-step copies took from kept copies instead of copying them."""
+        # Which source tensors a kept copy holds, found once per kept copy (the two snapshot slots take
+        # turns) and source list.
+        self._covered_by: list[tuple[Sequence[torch.Tensor], tuple[int, ...], list[torch.Tensor | None]]] = []
         # The model's parameters and which of them the optimizer does not step, found once per model and
         # optimizer state (walking the modules every iteration cost more than the copy itself).
         self._layout_of: tuple[weakref.ref[Any], tuple[int, ...], list[torch.Tensor], list[int]] | None = None
@@ -147,20 +191,38 @@ class StepGuard:
             return
         assert self.iteration_start is not None
         scaler = getattr(bundle.optimizer, "grad_scaler", None)
-        previous = self.pre_step
         optimizer_tensors = _optimizer_tensors(bundle.optimizer)
         params, own = self._model_layout(bundle.gpt, optimizer_tensors)
+        saved = self._save([*optimizer_tensors, *(params[i] for i in own)], progress.iteration)
         self.pre_step = PreStepCopy(
             iteration=progress.iteration,
             rng=self.iteration_start,
-            optimizer_tensors=_copy_into(previous.optimizer_tensors if previous else None, optimizer_tensors),
-            model_tensors=_copy_into(previous.model_tensors if previous else None, [params[i] for i in own]),
+            optimizer_tensors=saved[: len(optimizer_tensors)],
+            model_tensors=saved[len(optimizer_tensors) :],
             model_indices=own,
             scheduler=copy.deepcopy(bundle.scheduler.state_dict()),
             grad_scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
             consumed_train_samples=progress.consumed_train_samples,
             floating_point_operations=progress.floating_point_operations,
         )
+
+    def _save(self, sources: list[torch.Tensor], iteration: int) -> list[torch.Tensor]:
+        """Copies of ``sources`` as they are now: a kept copy's where it holds them, else our own."""
+        kept = self.copy_source(iteration) if self.copy_source is not None else None
+        if kept is None or kept.iteration != iteration:
+            self._buffers = _copy_into(self._buffers, sources)
+            return list(self._buffers)
+        pointers = tuple(s.data_ptr() for s in sources)
+        known = [c for copies, p, c in self._covered_by if copies is kept.copies and p == pointers]
+        if known:
+            covered = known[0]
+        else:
+            covered = _copies_in(kept, sources)
+            self._covered_by = [*self._covered_by[-1:], (kept.copies, pointers, covered)]
+        self._rest = _copy_into(self._rest, [s for s, c in zip(sources, covered) if c is None])
+        self.kept_tensors += len(sources) - len(self._rest)
+        own = iter(self._rest)
+        return [c if c is not None else next(own) for c in covered]
 
     def rewind_in_flight(self) -> None:
         """Undo what the in-flight (uncommitted) iteration changed: only the RNG."""

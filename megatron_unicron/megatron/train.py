@@ -292,9 +292,9 @@ class Trainer:
         bundle.optimizer.zero_grad()
         losses = self._forward_backward(batches, forward_only=False)
         loss = self._reduce_loss(losses)
-        self.guard.before_step(bundle, self.progress)
-        for hook in self.before_step_hooks:
+        for hook in self.before_step_hooks:  # a snapshot's copy finishes here, before the guard may use it
             hook()
+        self.guard.before_step(bundle, self.progress)
         # The commit point: after the step returns nothing else communicates in this iteration.
         with self.phases.inside(Phase.OPTIMIZER):
             update_successful, grad_norm, _ = bundle.optimizer.step()

@@ -9,7 +9,8 @@
   ``--use-distributed-optimizer`` the optimizer's shards are this rank's flat ranges
   (``distopt_state.optimizer_shards``, described locally: no collective) plus its Adam step;
 * before the next optimizer step it waits for that copy to finish: the only stall, measured in
-  :attr:`SnapshotService.stalls`;
+  :attr:`SnapshotService.stalls`; the step guard then takes its pre-step copy from that snapshot
+  (:meth:`SnapshotService.kept_copy`) instead of copying the same tensors again;
 * every ``--unicron-persist-interval`` M snapshots (iteration N·M, the same on every rank) it starts an
   asynchronous torch_dist checkpoint to ``--save`` and finalises it (collectively) N iterations later or
   at the last iteration, so ``latest_checkpointed_iteration.txt`` advances without a synchronous save.
@@ -37,6 +38,7 @@ from megatron_unicron.snapshot.writer import SnapshotRequest, SnapshotWriter
 if TYPE_CHECKING:
     from megatron_unicron.megatron.args import MegatronArgs
     from megatron_unicron.megatron.async_save import AsyncCheckpoint, AsyncCheckpointer
+    from megatron_unicron.megatron.guard import KeptCopy
     from megatron_unicron.megatron.train import Generation, Trainer
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ class SnapshotService:
         self._waited = True
         trainer.before_step_hooks.append(self.before_step)
         trainer.after_commit_hooks.append(self.after_commit)
+        trainer.guard.copy_source = self.kept_copy
         trainer.snapshots = self
         logger.info(
             "unicron: in-memory snapshot every %d iteration(s)%s in %s", self.interval,
@@ -149,10 +152,18 @@ class SnapshotService:
             self.stalls.append(self.writer.wait())
             self._waited = True
 
+    def kept_copy(self, iteration: int) -> KeptCopy | None:
+        """The step guard's source: the finished snapshot of ``iteration`` (committed count), if any."""
+        newest = self.writer.newest
+        if not self._waited or newest is None or newest.iteration != iteration:
+            return None
+        return newest
+
     # ------------------------------------------------------------------ transitions and the end
     def quiesce(self) -> None:
         """Before a transition changes any state: finish the copy; drop an unfinished persist."""
         self.before_step()
+        self.writer.newest = None  # the state is about to change under it
         self._live = None
         self._abandon_persist("a transition started")
 

@@ -36,6 +36,7 @@ import torch
 
 from megatron_unicron.checksum import crc32c
 from megatron_unicron.megatron.distopt_state import FlatMeta
+from megatron_unicron.megatron.guard import KeptCopy
 from megatron_unicron.megatron.state import ShardMeta
 from megatron_unicron.snapshot.layout import SlotDirectory
 from megatron_unicron.snapshot.manifest import SLOTS, Manifest, ShardRecord, dtype_name, shards_json
@@ -190,6 +191,9 @@ class SnapshotWriter:
         self._complete = {m.slot: m.sequence for m in directory.manifests()}
         self._sequence = max(self._complete.values(), default=-1) + 1
         self._maps: dict[str, _SlotMap] = {}
+        self.newest: KeptCopy | None = None
+        """The live tensors of the newest snapshot written by this writer and their copies in its slot,
+        which no write touches until another snapshot is complete (writes go to the other slot)."""
         self._requests: queue.SimpleQueue[SnapshotRequest | None] = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
@@ -283,6 +287,7 @@ class SnapshotWriter:
         )  # fmt: skip
         directory.commit(manifest, shards_json=slot_map.shards_json)
         self._complete[slot] = manifest.sequence
+        self.newest = KeptCopy(request.iteration, tensors, views)
         if delayed:
             (directory.path / f"{slot}.copying").unlink(missing_ok=True)
         self._sequence += 1

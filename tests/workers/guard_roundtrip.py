@@ -1,15 +1,19 @@
 """Test worker: the step guard undoes an optimizer step exactly, twice in a row (reused copy buffers).
 
     unicron-run --nproc-per-node 1 tests/workers/guard_roundtrip.py <Megatron flags> --unicron
+        [--unicron-snapshot-interval 1]
 
 Trains two iterations, then for two more: copy before the step (as every --unicron iteration does),
 step, undo, and step again. The redone iteration must leave every parameter and optimizer tensor
-bit-identical to the first attempt, and the undo must restore the pre-step values. Prints
-``GUARD OK <iterations>`` on success.
+bit-identical to the first attempt, and the undo must restore the pre-step values. With snapshots every
+iteration the guard takes its copy from the newest snapshot's slot (it counts the tensors it took).
+Prints ``GUARD OK <iterations> kept=<tensors from the slot>`` on success.
 """
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -34,15 +38,25 @@ def main() -> int:
     from megatron_unicron.megatron import cpu
 
     cpu.apply()
+    from megatron_unicron.snapshot.service import SnapshotService
+
     trainer = Trainer(args, forward_step, env)
     trainer.start_generation(0, env.rank, env.world_size, 1, 1)
     trainer.ensure_datasets()
+    snapshots = None
+    if args.unicron.snapshot_interval:
+        directory = Path(tempfile.mkdtemp(prefix="guard_roundtrip_"))
+        snapshots = SnapshotService(trainer, directory=directory, job=env.job, node="node0", launch_rank=0)
     for _ in range(2):
         trainer.train_step()
+    kept = 0
     for _ in range(2):
         before = state(trainer)
         first = trainer.train_step()
         after = state(trainer)
+        if snapshots is not None:
+            snapshots.quiesce()  # as a transition does before it aligns the state
+            kept = trainer.guard.kept_tensors
         assert trainer.guard.can_undo_step(trainer.progress.iteration - 1)
         trainer.guard.undo_step(trainer.generation.bundle, trainer.progress)
         restored = state(trainer)
@@ -51,7 +65,9 @@ def main() -> int:
         again = trainer.train_step()
         assert again.lm_loss == first.lm_loss and again.iteration == first.iteration
         assert all(torch.equal(a, b) for a, b in zip(state(trainer), after, strict=True)), "redo differs"
-    print(f"GUARD OK {trainer.progress.iteration}", flush=True)
+    print(f"GUARD OK {trainer.progress.iteration} kept={kept}", flush=True)
+    if snapshots is not None:
+        snapshots.close()
     trainer.finish()
     return 0
 
