@@ -183,7 +183,8 @@ class StepGuard:
 
     def begin_iteration(self) -> None:
         """Record the RNG at the start of an iteration (to redo it exactly)."""
-        self.iteration_start = RngState.capture()
+        if self.enabled:
+            self.iteration_start = RngState.capture()
 
     def before_step(self, bundle: Any, progress: Any) -> None:
         """Copy what ``optimizer.step()`` of the in-flight iteration is about to change."""

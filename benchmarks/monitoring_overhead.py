@@ -1,0 +1,213 @@
+"""Monitoring overhead on healthy iterations: --unicron's worker machinery on and off in the same processes.
+
+    PYTHONPATH=. python benchmarks/monitoring_overhead.py [--json] [--rounds 20] [--block 10]
+
+Starts the tiny CPU job (``examples/gpt/configs/tiny_gpt.yaml``: TP2 PP2 on 4 gloo ranks) through
+``unicron-run --unicron`` and times iterations in blocks of ``--block`` with each mode in turn, the
+order rotated every round, ``--rounds`` times:
+
+* ``off``: a plain megatron-core iteration (no step guard, collectives untimed, no monitor threads);
+* ``timed``: only the collectives and pipeline waits timed (``timed_collectives``);
+* ``guard``: only the step guard's pre-step copy;
+* ``on``: everything ``--unicron`` runs in a worker: a :class:`~megatron_unicron.healing.Healer` (timed
+  collectives, its iteration monitor and decision watch threads, the progress posts) around each step,
+  and the step guard.
+
+Per mode: the mean iteration time (slowest rank of each iteration) and the overhead against ``off``,
+paired (the median over rounds of each block's mean against the same round's ``off`` block, which
+cancels the drift of a shared machine's load). Comparing separate runs (``detection_latency.py
+--overhead-rounds``) cannot resolve a percent here: the same job's speed drifts by 10-30 % between runs
+minutes apart. The launcher's agent and coordinator run in every mode; their CPU use is measured
+separately, against the same launcher without ``--unicron``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "examples/gpt/configs/tiny_gpt.yaml"
+MODES = ("off", "timed", "guard", "on")
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One rank: train in interleaved blocks of the four modes."""
+    sys.path.insert(0, str(ROOT / "examples/gpt"))
+    import megatron.core  # noqa: F401  (imported before the CPU patch, so every module gets patched)
+    import torch.distributed as dist
+    from pretrain_gpt import forward_step
+
+    from megatron_unicron.detect.watchdog import AdaptiveTimeouts, TimeoutPolicy
+    from megatron_unicron.healing import Healer
+    from megatron_unicron.megatron import cpu, timed_collectives
+    from megatron_unicron.megatron.args import parse_args, resolve_world
+    from megatron_unicron.megatron.pretrain import job_config
+    from megatron_unicron.megatron.train import Trainer, WorkerEnv
+    from megatron_unicron.protocol import JobChannel
+    from megatron_unicron.store import JobKeys
+
+    cpu.apply()
+    env = WorkerEnv.from_environ()
+    total = args.warmup + args.rounds * args.block * len(MODES) + 10
+    margs = resolve_world(parse_args(["--yaml-cfg", str(YAML), "--train-iters", str(total), "--unicron"]),
+                          env.world_size)  # fmt: skip
+    trainer = Trainer(margs, forward_step, env)
+    channel = JobChannel(trainer.store, JobKeys(env.job))
+    if env.rank == 0:
+        channel.post_config(job_config(margs, env, trainer.tokenizer.vocab_size))
+    trainer.start_generation(0, env.rank, env.world_size, margs.tensor_model_parallel_size,
+                             margs.pipeline_model_parallel_size)  # fmt: skip
+    trainer.ensure_datasets()
+    detection = margs.unicron.detection
+    policy = TimeoutPolicy(slow_factor=detection.slow_factor, warmup_floor_s=detection.warmup_floor_s,
+                           min_timeout_s=detection.min_timeout_s)  # fmt: skip
+
+    def block(mode: str) -> list[float]:
+        healer = None
+        trainer.guard.enabled = mode in ("guard", "on")
+        if mode == "timed":
+            timed_collectives.apply(AdaptiveTimeouts(policy))
+        if mode == "on":
+            healer = Healer(trainer, channel, launch_rank=env.rank, node="node0", generation=0)
+        step: Callable[[], Any] = trainer.train_step
+        if healer is not None:
+            attempt = healer.attempt
+            step = lambda: attempt(trainer.train_step)  # noqa: E731
+        times = []
+        try:
+            dist.barrier()
+            for _ in range(args.block):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        finally:
+            if healer is not None:
+                healer.close()
+            timed_collectives.revert()
+        return times
+
+    for _ in range(args.warmup // 2):
+        block("off")
+        block("on")
+    rows: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for r in range(args.rounds):
+        for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
+            rows[mode].extend(block(mode))
+    everything: list[Any] = [None] * env.world_size
+    dist.all_gather_object(everything, rows)
+    if env.rank == 0:
+        Path(args.out).write_text(json.dumps(everything))
+        channel.mark_done()
+    trainer.finish()
+    return 0
+
+
+def summarise(per_rank: list[dict[str, list[float]]], args: argparse.Namespace) -> dict[str, Any]:
+    """Per mode: iteration times (slowest rank per iteration) and the overhead against ``off``."""
+    n = args.rounds * args.block
+    slowest = {mode: [max(r[mode][i] for r in per_rank) for i in range(n)] for mode in MODES}
+    blocks = {mode: [statistics.fmean(t[k * args.block : (k + 1) * args.block]) for k in range(args.rounds)]
+              for mode, t in slowest.items()}  # fmt: skip
+    out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "modes": {}}
+    for mode in MODES:
+        paired = [(b / off - 1) * 100 for b, off in zip(blocks[mode], blocks["off"])]
+        out["modes"][mode] = {
+            "iter_mean_ms": statistics.fmean(slowest[mode]) * 1e3,
+            "iter_median_ms": statistics.median(slowest[mode]) * 1e3,
+            "overhead_paired_pct": statistics.median(paired),
+            "paired_quartiles_pct": statistics.quantiles(paired, n=4) if len(paired) > 1 else [0.0, 0.0, 0.0],
+        }
+    return out
+
+
+def launcher_cpu(unicron: bool, seconds: float, tmp: Path) -> float:
+    """Percent of a core the launcher process (agent, coordinator, store) uses while a job trains."""
+    argv = [sys.executable, "-m", "megatron_unicron.launch", "--nproc-per-node", "4",
+            *(["--unicron", "--no-warm-spare"] if unicron else []),
+            str(ROOT / "examples/gpt/pretrain_gpt.py"), "--yaml-cfg", str(YAML), "--train-iters", "100000",
+            *(["--unicron", "--unicron-incident-log", str(tmp / "incidents.jsonl")] if unicron else [])]
+    # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # training has started once an iteration is logged
+            if " iteration " in line and "/" in line:
+                break
+        launcher = psutil.Process(proc.pid)
+        start = launcher.cpu_times()
+        time.sleep(seconds)
+        end = launcher.cpu_times()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return ((end.user + end.system) - (start.user + start.system)) / seconds * 100
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The summary as Markdown."""
+    lines = ["| mode | mean iteration | median iteration | overhead: paired median [quartiles] |",
+             "|---|---|---|---|"]  # fmt: skip
+    for mode, m in summary["modes"].items():
+        q = m["paired_quartiles_pct"]
+        lines.append(f"| {mode} | {m['iter_mean_ms']:.1f} ms | {m['iter_median_ms']:.1f} ms | "
+                     f"{m['overhead_paired_pct']:+.2f} % [{q[0]:+.2f}, {q[2]:+.2f}] |")  # fmt: skip
+    cpu = summary.get("launcher_cpu_pct")
+    if cpu:
+        lines += ["", f"launcher (agent, coordinator, store) while training: {cpu['on']:.2f} % of a core "
+                      f"with --unicron, {cpu['off']:.2f} % without"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Parse flags; run the workers through the launcher (or be one of them)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of the four modes (default 20)")
+    parser.add_argument("--block", type=int, default=10, help="iterations per mode and round (default 10)")
+    parser.add_argument("--warmup", type=int, default=20, help="iterations before timing (default 20)")
+    parser.add_argument("--launcher-seconds", type=float, default=20.0,
+                        help="seconds of launcher CPU sampled per launcher mode (0: skip; default 20)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if min(args.rounds, args.block) < 1 or args.warmup < 0 or args.launcher_seconds < 0:
+        parser.error("--rounds and --block must be >= 1; --warmup and --launcher-seconds >= 0")
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory(prefix="unicron_monbench_") as scratch:
+        tmp = Path(scratch)
+        out = tmp / "result.json"
+        cmd = [sys.executable, "-m", "megatron_unicron.launch", "--unicron", "--no-warm-spare",
+               "--nproc-per-node", "4", __file__, "--worker", "--out", str(out), "--rounds", str(args.rounds),
+               "--block", str(args.block), "--warmup", str(args.warmup)]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr[-4000:])
+            return done.returncode
+        summary = summarise(json.loads(out.read_text()), args)
+        if args.launcher_seconds:
+            summary["launcher_cpu_pct"] = {
+                mode: launcher_cpu(mode == "on", args.launcher_seconds, tmp) for mode in ("off", "on")
+            }
+    print(json.dumps(summary, indent=2) if args.json else table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
