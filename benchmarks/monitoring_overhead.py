@@ -15,10 +15,12 @@ order rotated every round, ``--rounds`` times:
 
 Per mode: the mean iteration time (slowest rank of each iteration) and the overhead against ``off``,
 paired (the median over rounds of each block's mean against the same round's ``off`` block, which
-cancels the drift of a shared machine's load). Comparing separate runs (``detection_latency.py
---overhead-rounds``) cannot resolve a percent here: the same job's speed drifts by 10-30 % between runs
-minutes apart. The launcher's agent and coordinator run in every mode; their CPU use is measured
-separately, against the same launcher without ``--unicron``.
+cancels the drift of a shared machine's load); the same for the CPU time the 4 processes use per
+iteration (all their threads), which scheduling on 2 shared cores disturbs less than wall time.
+Comparing separate runs (``detection_latency.py --overhead-rounds``) cannot resolve a percent here:
+the same job's speed drifts by 10-30 % between runs minutes apart. The launcher's agent and
+coordinator run in every mode; their CPU use is measured separately, against the same launcher
+without ``--unicron``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def worker(args: argparse.Namespace) -> int:
     policy = TimeoutPolicy(slow_factor=detection.slow_factor, warmup_floor_s=detection.warmup_floor_s,
                            min_timeout_s=detection.min_timeout_s)  # fmt: skip
 
-    def block(mode: str) -> list[float]:
+    def block(mode: str) -> tuple[list[float], float]:
         healer = None
         trainer.guard.enabled = mode in ("guard", "on")
         if mode == "timed":
@@ -88,23 +90,27 @@ def worker(args: argparse.Namespace) -> int:
         times = []
         try:
             dist.barrier()
+            cpu0 = time.process_time()
             for _ in range(args.block):
                 t0 = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t0)
+            cpu = (time.process_time() - cpu0) / args.block
         finally:
             if healer is not None:
                 healer.close()
             timed_collectives.revert()
-        return times
+        return times, cpu
 
     for _ in range(args.warmup // 2):
         block("off")
         block("on")
-    rows: dict[str, list[float]] = {mode: [] for mode in MODES}
+    rows: dict[str, dict[str, list[float]]] = {mode: {"iter": [], "cpu": []} for mode in MODES}
     for r in range(args.rounds):
         for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
-            rows[mode].extend(block(mode))
+            times, cpu_s = block(mode)
+            rows[mode]["iter"].extend(times)
+            rows[mode]["cpu"].append(cpu_s)
     everything: list[Any] = [None] * env.world_size
     dist.all_gather_object(everything, rows)
     if env.rank == 0:
@@ -114,20 +120,32 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise(per_rank: list[dict[str, list[float]]], args: argparse.Namespace) -> dict[str, Any]:
-    """Per mode: iteration times (slowest rank per iteration) and the overhead against ``off``."""
+def _paired(blocks: list[float], off: list[float]) -> tuple[float, list[float]]:
+    """Median and quartiles of each block against the same round's ``off`` block, in percent."""
+    ratios = [(b / o - 1) * 100 for b, o in zip(blocks, off)]
+    return statistics.median(ratios), statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [0.0] * 3
+
+
+def summarise(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.Namespace) -> dict[str, Any]:
+    """Per mode: iteration times (slowest rank per iteration), CPU per iteration (all ranks), and the
+    overheads against ``off``."""
     n = args.rounds * args.block
-    slowest = {mode: [max(r[mode][i] for r in per_rank) for i in range(n)] for mode in MODES}
+    slowest = {mode: [max(r[mode]["iter"][i] for r in per_rank) for i in range(n)] for mode in MODES}
     blocks = {mode: [statistics.fmean(t[k * args.block : (k + 1) * args.block]) for k in range(args.rounds)]
               for mode, t in slowest.items()}  # fmt: skip
+    cpu = {mode: [sum(r[mode]["cpu"][k] for r in per_rank) for k in range(args.rounds)] for mode in MODES}
     out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "modes": {}}
     for mode in MODES:
-        paired = [(b / off - 1) * 100 for b, off in zip(blocks[mode], blocks["off"])]
+        wall, wall_q = _paired(blocks[mode], blocks["off"])
+        cpu_pct, cpu_q = _paired(cpu[mode], cpu["off"])
         out["modes"][mode] = {
             "iter_mean_ms": statistics.fmean(slowest[mode]) * 1e3,
             "iter_median_ms": statistics.median(slowest[mode]) * 1e3,
-            "overhead_paired_pct": statistics.median(paired),
-            "paired_quartiles_pct": statistics.quantiles(paired, n=4) if len(paired) > 1 else [0.0, 0.0, 0.0],
+            "overhead_paired_pct": wall,
+            "paired_quartiles_pct": wall_q,
+            "cpu_ms_per_iter": statistics.median(cpu[mode]) * 1e3,
+            "cpu_overhead_paired_pct": cpu_pct,
+            "cpu_paired_quartiles_pct": cpu_q,
         }
     return out
 
@@ -159,12 +177,15 @@ def launcher_cpu(unicron: bool, seconds: float, tmp: Path) -> float:
 
 def table(summary: dict[str, Any]) -> str:
     """The summary as Markdown."""
-    lines = ["| mode | mean iteration | median iteration | overhead: paired median [quartiles] |",
-             "|---|---|---|---|"]  # fmt: skip
+    lines = ["| mode | mean iteration | median iteration | overhead: paired median [quartiles] | "
+             "CPU per iteration (4 ranks) | CPU overhead: paired median [quartiles] |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for mode, m in summary["modes"].items():
-        q = m["paired_quartiles_pct"]
+        q, c = m["paired_quartiles_pct"], m["cpu_paired_quartiles_pct"]
         lines.append(f"| {mode} | {m['iter_mean_ms']:.1f} ms | {m['iter_median_ms']:.1f} ms | "
-                     f"{m['overhead_paired_pct']:+.2f} % [{q[0]:+.2f}, {q[2]:+.2f}] |")  # fmt: skip
+                     f"{m['overhead_paired_pct']:+.2f} % [{q[0]:+.2f}, {q[2]:+.2f}] | "
+                     f"{m['cpu_ms_per_iter']:.1f} ms | "
+                     f"{m['cpu_overhead_paired_pct']:+.2f} % [{c[0]:+.2f}, {c[2]:+.2f}] |")  # fmt: skip
     cpu = summary.get("launcher_cpu_pct")
     if cpu:
         lines += ["", f"launcher (agent, coordinator, store) while training: {cpu['on']:.2f} % of a core "
