@@ -18,9 +18,8 @@ or until every worker is gone, then the job is stopped)::
      "train_iters": 20,                                # optional
      "rank_node": {"0": "node0", ...}}                 # optional; default: the launch shape
 
-**What a worker does for it.** Post ``progress`` after every committed iteration, from a background
-thread within a poll, and before it reports a failure (the coordinator takes the iteration in flight
-of an agent-reported exit and the mean iteration time from it). On a
+**What a worker does for it.** Post ``progress`` after every committed iteration (the coordinator
+takes the iteration in flight of an agent-reported exit and the mean iteration time from it). On a
 failure, report a ``FaultEvent`` to its current generation ``g`` (``iteration`` = the one in flight,
 1-based) and block in ``wait_decision(g + 1)``. Survivors blocked in a timed wait report when it
 expires: an incident waits for every member up to ``incidents.collect_bound_s``. Then follow the

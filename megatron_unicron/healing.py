@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -33,7 +32,6 @@ from megatron_unicron.errors import UnicronError
 from megatron_unicron.events import Action, Decision, ErrorKind, FaultEvent
 from megatron_unicron.megatron import groups, timed_collectives
 from megatron_unicron.protocol import JobChannel
-from megatron_unicron.store import StoreError
 from megatron_unicron.taxonomy import classify_exception, error_text
 from megatron_unicron.transition.controller import TransitionReport, run_transition
 
@@ -76,34 +74,6 @@ def _release_frames(error: BaseException) -> None:
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
 
 
-class _ProgressOutbox:
-    """The newest committed iteration, posted off the training thread by the monitor's thread.
-
-    A store round trip on the training thread waits for the store's host to be scheduled, on loaded
-    cores far longer than it computes. The monitor posts the newest value at its next poll (within
-    ``poll_interval_s``); the training thread posts it itself only before it reports a failure and at
-    the end. The lock keeps two posts from overtaking each other on their two connections.
-    """
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-        self._latest: tuple[int, int] | None = None
-        self._posted: tuple[int, int] | None = None
-        self._lock = threading.Lock()
-
-    def put(self, iteration: int, generation: int) -> None:
-        """Record a committed iteration (the training thread: no I/O)."""
-        self._latest = (iteration, generation)
-
-    def flush(self, channel: JobChannel) -> None:
-        """Post the newest iteration through ``channel`` (this thread's connection) unless it was posted."""
-        with self._lock:
-            latest = self._latest
-            if latest is not None and latest != self._posted:
-                channel.post_progress(self.rank, *latest)
-                self._posted = latest
-
-
 class Healer:
     """Runs training steps for one worker, recovering from failures as the coordinator decides."""
 
@@ -137,13 +107,11 @@ class Healer:
         timed_collectives.apply(self.timeouts, superseded=self._next_generation_decided)
         # The monitor thread's own store connection (a client connection is not shared between threads).
         self.monitor_channel = JobChannel(channel.store.clone(), channel.keys)
-        self.progress = _ProgressOutbox(launch_rank)
         self.monitor = IterationMonitor(
             self.timeouts,
             on_hang=self._report_hang,
             in_timed_wait=timed_collectives.in_timed_wait,
             beat=lambda: self.monitor_channel.post_beat(launch_rank),
-            on_poll=lambda: self.progress.flush(self.monitor_channel),
         )
         # Planned switches are looked up before every iteration: from a poller, not a store round trip.
         self.next_decision = DecisionWatch(channel, JobChannel(channel.store.clone(), channel.keys))
@@ -182,7 +150,7 @@ class Healer:
         if self.injector is not None and self.injector.slow_factor > 1.0:
             time.sleep(self.injector.delay_for(seconds))
         iteration = self.trainer.progress.iteration
-        self.progress.put(iteration, self.generation)
+        self.channel.post_progress(self.launch_rank, iteration, self.generation)
         if self.resume_pending:
             self.channel.post_resumed(self.generation, self.launch_rank, iteration)
             self.resume_pending = False
@@ -245,7 +213,6 @@ class Healer:
         kind = classify_exception(error)
         first_line = (str(error).splitlines() or [type(error).__name__])[0]
         event = self._event(kind, f"{type(error).__name__}: {first_line}")
-        self.progress.flush(self.channel)  # the coordinator judges the incident by the committed iterations
         phase = event.phase.value if event.phase else "-"
         logger.warning(
             "unicron: rank %d detected %s at iteration %s (%s): %s",
@@ -373,10 +340,6 @@ class Healer:
     def close(self) -> None:
         """Stop the monitor thread and restore the untimed collectives."""
         self.monitor.close()
-        try:
-            self.progress.flush(self.channel)
-        except StoreError:  # the job is over: the store may be gone
-            pass
         self.monitor_channel.store.close()
         self.next_decision.close()
         self.next_decision.poll_channel.store.close()

@@ -118,14 +118,11 @@ class IterationMonitor:
         in_timed_wait: Callable[[], bool] = lambda: False,
         beat: Callable[[], None] | None = None,
         beat_interval_s: float = 0.5,
-        on_poll: Callable[[], None] | None = None,
     ) -> None:
         self.timeouts = timeouts
         self.on_hang = on_hang
         self.in_timed_wait = in_timed_wait
         self.beat = beat
-        self.on_poll = on_poll
-        """Called every poll on the monitor's thread (work taken off the training thread)."""
         self.beat_interval_s = beat_interval_s
         self._next_beat = 0.0
         self.poll_interval_s = poll_interval_s
@@ -159,11 +156,6 @@ class IterationMonitor:
                 try:
                     self.beat()
                 except Exception:  # a heartbeat lost to a store hiccup is retried at the next beat
-                    pass
-            if self.on_poll is not None:
-                try:
-                    self.on_poll()
-                except Exception:  # retried at the next poll
                     pass
             started = self._started_at
             if started is None or self._flagged:
