@@ -50,13 +50,20 @@ def _drain(stream: IO[str], into: list[str]) -> None:
     into.extend(stream)
 
 
+def job_env() -> dict[str, str]:
+    """The environment of a benchmark's job: this checkout first on ``PYTHONPATH``, one OpenMP thread
+    per process unless set."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def launch(
     script_and_args: Sequence[str], nproc: int, timeout_s: float = 900.0, sample_s: float = 0.05
 ) -> JobRun:
     """Run a worker script on ``nproc`` local ranks through ``unicron-run``; raise if it fails."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = job_env()
     argv = [sys.executable, "-m", "megatron_unicron.launch", "--nproc-per-node", str(nproc), *script_and_args]
     pipe = subprocess.PIPE
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=pipe, stderr=pipe, text=True)

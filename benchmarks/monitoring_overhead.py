@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from common import job_env
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "examples/gpt/configs/tiny_gpt.yaml"
@@ -157,8 +157,7 @@ def launcher_cpu(unicron: bool, seconds: float, tmp: Path) -> float:
             str(ROOT / "examples/gpt/pretrain_gpt.py"), "--yaml-cfg", str(YAML), "--train-iters", "100000",
             *(["--unicron", "--unicron-incident-log", str(tmp / "incidents.jsonl")] if unicron else [])]
     # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env = job_env()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
@@ -215,8 +214,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "megatron_unicron.launch", "--unicron", "--no-warm-spare",
                "--nproc-per-node", "4", __file__, "--worker", "--out", str(out), "--rounds", str(args.rounds),
                "--block", str(args.block), "--warmup", str(args.warmup)]  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        env = job_env()
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])

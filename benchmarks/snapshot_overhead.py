@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import job_env
+
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "examples/gpt/configs/tiny_gpt.yaml"
 MODES = (("off", 0), ("N=10", 10), ("N=1", 1))
@@ -208,8 +210,7 @@ def main() -> int:
            "--worker", "--out", str(out), "--snapshot-dir", str(scratch), "--save-dir", str(saves),
            "--rounds", str(args.rounds), "--block", str(args.block), "--warmup", str(args.warmup),
            "--persists", str(args.persists)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env = job_env()
     try:
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
