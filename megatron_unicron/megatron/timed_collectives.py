@@ -36,6 +36,7 @@ import functools
 import inspect
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -118,6 +119,23 @@ def _group_ranks(group: Any) -> tuple[int, ...]:
         return ()
 
 
+class _GroupRanks:
+    """The global ranks of each group, remembered per group object (weakly: an abandoned group is not kept
+    alive by it). Looked up on every timed operation, so it must be cheap."""
+
+    def __init__(self) -> None:
+        self._ranks: weakref.WeakKeyDictionary[Any, tuple[int, ...]] = weakref.WeakKeyDictionary()
+
+    def __call__(self, group: Any) -> tuple[int, ...]:
+        target = dist.distributed_c10d._world.default_pg if group is None else group
+        ranks = self._ranks.get(target) if target is not None else None
+        if ranks is None:
+            ranks = _group_ranks(group)
+            if target is not None:
+                self._ranks[target] = ranks
+        return ranks
+
+
 def _numel(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
@@ -129,6 +147,8 @@ def _numel(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 
 def _in_coalescing(group: Any) -> bool:
     state = dist.distributed_c10d._world.pg_coalesce_state
+    if not state:
+        return False
     target = dist.distributed_c10d._get_default_group() if group is None else group
     return target in state
 
@@ -249,6 +269,7 @@ def _timed_collective(
     names = list(inspect.signature(original).parameters)
     group_at, async_at = names.index("group"), names.index("async_op")
     blocking = name == "reduce_scatter_tensor"
+    ranks_of = _GroupRanks()
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -261,7 +282,7 @@ def _timed_collective(
         else:
             caller_async = bool(kwargs.get("async_op", False))
             kwargs["async_op"] = True
-        key = (name, _group_ranks(group), _numel(args, kwargs))
+        key = (name, ranks_of(group), _numel(args, kwargs))
         work = TimedWork([original(*args, **kwargs)], key, timeouts, blocking=blocking)
         if caller_async:
             return work

@@ -1,0 +1,55 @@
+"""The statistics key of a timed collective: the group's ranks, remembered without keeping the group alive."""
+
+from __future__ import annotations
+
+import gc
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_unicron.detect.watchdog import AdaptiveTimeouts, TimeoutPolicy
+from megatron_unicron.megatron import timed_collectives
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def one_rank_world():
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group("gloo", init_method=address, rank=0, world_size=1, timeout=timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        timed_collectives.revert()
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="collectives are not timed with CUDA")
+def test_each_group_keys_its_own_statistics_and_a_destroyed_group_is_forgotten(one_rank_world):
+    timeouts = AdaptiveTimeouts(TimeoutPolicy())
+    timed_collectives.apply(timeouts)
+    cells = [cell.cell_contents for cell in dist.all_reduce.__closure__]
+    ranks_of = next(c for c in cells if isinstance(c, timed_collectives._GroupRanks))
+
+    tensor = torch.ones(5)
+    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, group=dist.group.WORLD)
+    assert timeouts.samples(("all_reduce", (0,), 5)) == 2  # the default group and WORLD are one group
+
+    group = dist.new_group([0])
+    dist.all_reduce(torch.ones(3), group=group)
+    assert timeouts.samples(("all_reduce", (0,), 3)) == 1
+    assert len(ranks_of._ranks) == 2
+
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    assert len(ranks_of._ranks) == 1  # the cache holds no reference that would keep the group alive
+    assert tensor.tolist() == [1.0] * 5
