@@ -16,7 +16,9 @@ order rotated every round, ``--rounds`` times:
 Per mode: the mean iteration time (slowest rank of each iteration) and the overhead against ``off``,
 paired (the median over rounds of each block's mean against the same round's ``off`` block, which
 cancels the drift of a shared machine's load); the same for the CPU time the 4 processes use per
-iteration (all their threads), which scheduling on 2 shared cores disturbs less than wall time.
+iteration (all their threads), which scheduling on 2 shared cores disturbs less than wall time; and the
+training thread's own CPU time per iteration and rank, which says how much of an overhead is the
+Python and C++ path of the training thread itself (the timed collectives' wrappers run there).
 Comparing separate runs (``detection_latency.py --overhead-rounds``) cannot resolve a percent here:
 the same job's speed drifts by 10-30 % between runs minutes apart. The launcher's agent and
 coordinator run in every mode; their CPU use is measured separately, against the same launcher
@@ -76,7 +78,7 @@ def worker(args: argparse.Namespace) -> int:
     policy = TimeoutPolicy(slow_factor=detection.slow_factor, warmup_floor_s=detection.warmup_floor_s,
                            min_timeout_s=detection.min_timeout_s)  # fmt: skip
 
-    def block(mode: str) -> tuple[list[float], float]:
+    def block(mode: str) -> tuple[list[float], float, float]:
         healer = None
         trainer.guard.enabled = mode in ("guard", "on")
         if mode == "timed":
@@ -90,27 +92,29 @@ def worker(args: argparse.Namespace) -> int:
         times = []
         try:
             dist.barrier()
-            cpu0 = time.process_time()
+            cpu0, main0 = time.process_time(), time.thread_time()
             for _ in range(args.block):
                 t0 = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t0)
             cpu = (time.process_time() - cpu0) / args.block
+            main = (time.thread_time() - main0) / args.block
         finally:
             if healer is not None:
                 healer.close()
             timed_collectives.revert()
-        return times, cpu
+        return times, cpu, main
 
     for _ in range(args.warmup // 2):
         block("off")
         block("on")
-    rows: dict[str, dict[str, list[float]]] = {mode: {"iter": [], "cpu": []} for mode in MODES}
+    rows: dict[str, dict[str, list[float]]] = {mode: {"iter": [], "cpu": [], "main": []} for mode in MODES}
     for r in range(args.rounds):
         for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
-            times, cpu_s = block(mode)
+            times, cpu_s, main_s = block(mode)
             rows[mode]["iter"].extend(times)
             rows[mode]["cpu"].append(cpu_s)
+            rows[mode]["main"].append(main_s)
     everything: list[Any] = [None] * env.world_size
     dist.all_gather_object(everything, rows)
     if env.rank == 0:
@@ -134,6 +138,9 @@ def summarise(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.
     blocks = {mode: [statistics.fmean(t[k * args.block : (k + 1) * args.block]) for k in range(args.rounds)]
               for mode, t in slowest.items()}  # fmt: skip
     cpu = {mode: [sum(r[mode]["cpu"][k] for r in per_rank) for k in range(args.rounds)] for mode in MODES}
+    main = {mode: [sum(r[mode]["main"][k] for r in per_rank) / len(per_rank) for k in range(args.rounds)]
+            for mode in MODES}  # fmt: skip
+    main_off = statistics.fmean(main["off"])
     out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "modes": {}}
     for mode in MODES:
         wall, wall_q = _paired(blocks[mode], blocks["off"])
@@ -146,6 +153,8 @@ def summarise(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.
             "cpu_ms_per_iter": statistics.median(cpu[mode]) * 1e3,
             "cpu_overhead_paired_pct": cpu_pct,
             "cpu_paired_quartiles_pct": cpu_q,
+            "training_thread_cpu_ms_per_iter": statistics.fmean(main[mode]) * 1e3,
+            "training_thread_cpu_extra_ms": (statistics.fmean(main[mode]) - main_off) * 1e3,
         }
     return out
 
@@ -177,14 +186,17 @@ def launcher_cpu(unicron: bool, seconds: float, tmp: Path) -> float:
 def table(summary: dict[str, Any]) -> str:
     """The summary as Markdown."""
     lines = ["| mode | mean iteration | median iteration | overhead: paired median [quartiles] | "
-             "CPU per iteration (4 ranks) | CPU overhead: paired median [quartiles] |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "CPU per iteration (4 ranks) | CPU overhead: paired median [quartiles] | "
+             "training thread's CPU per iteration and rank (extra) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode, m in summary["modes"].items():
         q, c = m["paired_quartiles_pct"], m["cpu_paired_quartiles_pct"]
         lines.append(f"| {mode} | {m['iter_mean_ms']:.1f} ms | {m['iter_median_ms']:.1f} ms | "
                      f"{m['overhead_paired_pct']:+.2f} % [{q[0]:+.2f}, {q[2]:+.2f}] | "
                      f"{m['cpu_ms_per_iter']:.1f} ms | "
-                     f"{m['cpu_overhead_paired_pct']:+.2f} % [{c[0]:+.2f}, {c[2]:+.2f}] |")  # fmt: skip
+                     f"{m['cpu_overhead_paired_pct']:+.2f} % [{c[0]:+.2f}, {c[2]:+.2f}] | "
+                     f"{m['training_thread_cpu_ms_per_iter']:.2f} ms "
+                     f"({m['training_thread_cpu_extra_ms']:+.2f} ms) |")  # fmt: skip
     cpu = summary.get("launcher_cpu_pct")
     if cpu:
         lines += ["", f"launcher (agent, coordinator, store) while training: {cpu['on']:.2f} % of a core "
