@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import socket
 from datetime import timedelta
 
 import pytest
@@ -14,15 +13,9 @@ from megatron_unicron.detect.watchdog import AdaptiveTimeouts, TimeoutPolicy
 from megatron_unicron.megatron import timed_collectives
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def one_rank_world():
-    address = f"tcp://127.0.0.1:{_free_port()}"
+def one_rank_world(tmp_path):
+    address = f"file://{tmp_path / 'store'}"
     dist.init_process_group("gloo", init_method=address, rank=0, world_size=1, timeout=timedelta(seconds=30))
     try:
         yield

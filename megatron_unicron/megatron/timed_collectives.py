@@ -128,11 +128,11 @@ class _GroupRanks:
 
     def __call__(self, group: Any) -> tuple[int, ...]:
         target = dist.distributed_c10d._world.default_pg if group is None else group
-        ranks = self._ranks.get(target) if target is not None else None
+        if target is None:  # no world yet: nothing to remember
+            return _group_ranks(group)
+        ranks = self._ranks.get(target)
         if ranks is None:
-            ranks = _group_ranks(group)
-            if target is not None:
-                self._ranks[target] = ranks
+            ranks = self._ranks[target] = _group_ranks(target)
         return ranks
 
 
@@ -262,14 +262,13 @@ class TimedWork:
 
 
 def _timed_collective(
-    name: str, original: Callable[..., Any], timeouts: AdaptiveTimeouts
+    name: str, original: Callable[..., Any], timeouts: AdaptiveTimeouts, ranks_of: _GroupRanks
 ) -> Callable[..., Any]:
     # Positions of ``group`` and ``async_op`` in the signature, read once: ``inspect.Signature.bind`` on
     # every call would cost more than the gloo call itself for a small tensor.
     names = list(inspect.signature(original).parameters)
     group_at, async_at = names.index("group"), names.index("async_op")
     blocking = name == "reduce_scatter_tensor"
-    ranks_of = _GroupRanks()
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -331,10 +330,12 @@ def _coalesces_reduce_scatter(group: Any) -> bool:
     return not ops or any(op.op.__name__.startswith("reduce_scatter") for op in ops)
 
 
-def _timed_coalescing_manager(original: Callable[..., Any], timeouts: AdaptiveTimeouts) -> Callable[..., Any]:
+def _timed_coalescing_manager(
+    original: Callable[..., Any], timeouts: AdaptiveTimeouts, ranks_of: _GroupRanks
+) -> Callable[..., Any]:
     @contextlib.contextmanager
     def manager(group: Any = None, device: Any = None, async_ops: bool = False) -> Iterator[Any]:
-        proxy = _TimedCoalescing(timeouts, ("coalesced", _group_ranks(group), 0))
+        proxy = _TimedCoalescing(timeouts, ("coalesced", ranks_of(group), 0))
         with original(group, device, async_ops=True) as inner:
             yield proxy
             proxy.blocking = _coalesces_reduce_scatter(group)
@@ -357,10 +358,11 @@ def apply(timeouts: AdaptiveTimeouts, superseded: Callable[[], bool] | None = No
     _superseded[0] = superseded
     import megatron.core.distributed.param_and_grad_buffer as buffers
 
+    ranks_of = _GroupRanks()  # one cache for every timed operation of this policy
     for name in COLLECTIVES:
-        _PATCHES.replace(dist, name, _timed_collective(name, getattr(dist, name), timeouts))
+        _PATCHES.replace(dist, name, _timed_collective(name, getattr(dist, name), timeouts, ranks_of))
     _PATCHES.replace(dist, "batch_isend_irecv", _timed_batch(dist.batch_isend_irecv, timeouts))
-    manager = _timed_coalescing_manager(buffers._coalescing_manager, timeouts)
+    manager = _timed_coalescing_manager(buffers._coalescing_manager, timeouts, ranks_of)
     _PATCHES.replace(buffers, "_coalescing_manager", manager)
 
 
