@@ -29,7 +29,7 @@ def test_each_group_keys_its_own_statistics_and_a_destroyed_group_is_forgotten(o
     timeouts = AdaptiveTimeouts(TimeoutPolicy())
     timed_collectives.apply(timeouts)
     cells = [cell.cell_contents for cell in dist.all_reduce.__closure__]
-    ranks_of = next(c for c in cells if isinstance(c, timed_collectives._GroupRanks))
+    kinds = next(c for c in cells if isinstance(c, timed_collectives._Kinds))
 
     tensor = torch.ones(5)
     dist.all_reduce(tensor)
@@ -39,10 +39,10 @@ def test_each_group_keys_its_own_statistics_and_a_destroyed_group_is_forgotten(o
     group = dist.new_group([0])
     dist.all_reduce(torch.ones(3), group=group)
     assert timeouts.samples(("all_reduce", (0,), 3)) == 1
-    assert len(ranks_of._ranks) == 2
+    assert len(kinds.slots) == 2
 
     dist.destroy_process_group(group)
     del group
     gc.collect()
-    assert len(ranks_of._ranks) == 1  # the cache holds no reference that would keep the group alive
+    assert len(kinds.slots) == 1  # the table holds no reference that would keep the group alive
     assert tensor.tolist() == [1.0] * 5

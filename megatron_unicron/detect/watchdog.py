@@ -62,15 +62,30 @@ class AdaptiveTimeouts:
         self._stats: dict[Hashable, RunningMean] = {}
         self._lock = threading.Lock()
         self._relaxed_s = 0.0
+        self.epoch = 0
+        """Counts the resets: statistics kept from an earlier epoch are no longer the live ones."""
 
     def timeout_for(self, key: Hashable) -> float:
         """Seconds the next occurrence of ``key`` may take before it is a hang."""
-        stats = self._stats.get(key)
-        if stats is None or stats.count < self.policy.warmup_samples:
-            timeout = self.policy.warmup_floor_s
+        return self.timeout_of(self._stats.get(key))
+
+    def timeout_of(self, stats: RunningMean | None) -> float:
+        """Seconds the next occurrence may take, given its statistics (``None``: none yet)."""
+        policy = self.policy
+        if stats is None or stats.count < policy.warmup_samples:
+            timeout = policy.warmup_floor_s
         else:
-            timeout = max(self.policy.min_timeout_s, self.policy.slow_factor * stats.mean)
+            timeout = max(policy.min_timeout_s, policy.slow_factor * stats.mean)
         return max(timeout, self._relaxed_s)
+
+    def stats(self, key: Hashable) -> RunningMean:
+        """The live statistics of ``key``, created empty if new. A caller may keep them and ``add`` to
+        them directly (the hot path of a timed collective) until :attr:`epoch` changes."""
+        with self._lock:
+            stats = self._stats.get(key)
+            if stats is None:
+                stats = self._stats[key] = RunningMean()
+            return stats
 
     @contextlib.contextmanager
     def relaxed(self, seconds: float) -> Iterator[None]:
@@ -83,16 +98,13 @@ class AdaptiveTimeouts:
 
     def record(self, key: Hashable, seconds: float) -> None:
         """Account one completed occurrence."""
-        with self._lock:
-            stats = self._stats.get(key)
-            if stats is None:
-                stats = self._stats[key] = RunningMean()
-            stats.add(seconds)
+        self.stats(key).add(seconds)
 
     def reset(self) -> None:
         """Forget every statistic (a new layout: other groups, other sizes, other times; warm up again)."""
         with self._lock:
             self._stats.clear()
+            self.epoch += 1
 
     def mean(self, key: Hashable) -> float | None:
         """The running mean of ``key``, if any."""

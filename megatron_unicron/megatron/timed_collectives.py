@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_unicron.detect.watchdog import AdaptiveTimeouts
+from megatron_unicron.detect.watchdog import AdaptiveTimeouts, RunningMean
 from megatron_unicron.megatron.patching import PatchSet, PatchSite
 
 COLLECTIVES = (
@@ -76,6 +76,8 @@ SLICE_S = 0.05
 SUPERSEDED_AFTER_S = 0.2
 """A wait asks only once it has lasted this long: a healthy wait for a pipeline's other stages often
 outlasts a slice, and an incident is not decided sooner than this after its fault (the settle window)."""
+
+_FIRST_SLICE = timedelta(seconds=SLICE_S)
 
 # c10d's own message when ``Work.wait(timeout)`` expires; the work is still pending and can be waited again.
 _WAIT_EXPIRED = "operation timed out"
@@ -119,24 +121,48 @@ def _group_ranks(group: Any) -> tuple[int, ...]:
         return ()
 
 
-class _GroupRanks:
-    """The global ranks of each group, remembered per group object (weakly: an abandoned group is not kept
-    alive by it). Looked up on every timed operation, so it must be cheap."""
+class _Slot:
+    """One kind of timed operation (name, group, size): its statistics key and live statistics."""
 
-    def __init__(self) -> None:
-        self._ranks: weakref.WeakKeyDictionary[Any, tuple[int, ...]] = weakref.WeakKeyDictionary()
+    __slots__ = ("epoch", "group", "key", "stats")
 
-    def __call__(self, group: Any) -> tuple[int, ...]:
+    def __init__(self, group: weakref.ref[Any], key: tuple[Any, ...], timeouts: AdaptiveTimeouts) -> None:
+        self.group = group
+        self.key = key
+        self.epoch = timeouts.epoch
+        self.stats = timeouts.stats(key)
+
+
+class _Kinds:
+    """The slot of each kind of operation, found on every timed operation without rebuilding its key.
+
+    Keyed by the group object's identity and the size; a slot holds its group weakly (an abandoned group
+    is not kept alive by it) and leaves the table when the group is collected. A slot from before the
+    statistics' last reset, or of an earlier group that had the same identity, is replaced.
+    """
+
+    def __init__(self, timeouts: AdaptiveTimeouts) -> None:
+        self.timeouts = timeouts
+        self.slots: dict[tuple[str, int, int], _Slot] = {}
+
+    def find(self, name: str, group: Any, numel: int) -> _Slot | None:
+        """The slot of ``name`` on ``group`` (``None``: the default group) for ``numel`` elements;
+        ``None`` without a process group."""
         target = dist.distributed_c10d._world.default_pg if group is None else group
-        if target is None:  # no world yet: nothing to remember
-            return _group_ranks(group)
-        ranks = self._ranks.get(target)
-        if ranks is None:
-            ranks = self._ranks[target] = _group_ranks(target)
-        return ranks
+        if target is None:
+            return None
+        index = (name, id(target), numel)
+        slot = self.slots.get(index)
+        if slot is None or slot.epoch != self.timeouts.epoch or slot.group() is not target:
+            slots = self.slots
+            reference = weakref.ref(target, lambda _: slots.pop(index, None))
+            slot = slots[index] = _Slot(reference, (name, _group_ranks(target), numel), self.timeouts)
+        return slot
 
 
 def _numel(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    if args and isinstance(args[0], torch.Tensor):  # the common case, asked first: it is asked per call
+        return args[0].numel()
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return value.numel()
@@ -162,12 +188,13 @@ class TimedWork:
 
     def __init__(
         self, works: list[Any], key: tuple[Any, ...], timeouts: AdaptiveTimeouts, *, sliced: bool = True,
-        blocking: bool = False,
+        blocking: bool = False, stats: RunningMean | None = None, issued: float | None = None,
     ) -> None:
         self._works = [w for w in works if w is not None]
         self._key = key
         self._timeouts = timeouts
-        self._issued = time.monotonic()
+        self._stats = timeouts.stats(key) if stats is None else stats
+        self._issued = time.monotonic() if issued is None else issued
         self._done = False
         self._sliced = sliced
         self._blocking = blocking
@@ -176,7 +203,7 @@ class TimedWork:
         """Wait for completion; raise CollectiveTimeout when the adaptive timeout expires first."""
         if self._done:
             return True
-        limit = self._timeouts.timeout_for(self._key)
+        limit = self._timeouts.timeout_of(self._stats)
         if timeout is not None:
             limit = min(limit, timeout.total_seconds())
         deadline = self._issued + limit
@@ -191,7 +218,7 @@ class TimedWork:
         finally:
             _waiting[0] -= 1
         self._done = True
-        self._timeouts.record(self._key, time.monotonic() - self._issued)
+        self._stats.add(time.monotonic() - self._issued)
         return True
 
     def _wait_one(
@@ -204,13 +231,22 @@ class TimedWork:
                 work.wait(timedelta(seconds=chunk))
                 return
             except RuntimeError as error:
-                message = str(error).lower()
-                if "timed out" not in message:
-                    raise
-                if _WAIT_EXPIRED not in message:  # gloo's own timeout: the work is over
-                    waited = time.monotonic() - self._issued
-                    raise CollectiveTimeout(self._key[0], self._key[1], waited, limit) from error
+                self._raise_unless_expired(error, limit)
                 self._leave_if_due(deadline, limit, superseded, cause=error)
+
+    def resume(self, error: RuntimeError) -> None:
+        """Go on waiting after a first slice that the caller waited itself and that ended with ``error``."""
+        self._raise_unless_expired(error, self._timeouts.timeout_of(self._stats))
+        self.wait()
+
+    def _raise_unless_expired(self, error: RuntimeError, limit: float) -> None:
+        """Return when ``error`` says only that a slice of the wait expired (the work still pending)."""
+        message = str(error).lower()
+        if "timed out" not in message:
+            raise error
+        if _WAIT_EXPIRED not in message:  # gloo's own timeout: the work is over
+            waited = time.monotonic() - self._issued
+            raise CollectiveTimeout(self._key[0], self._key[1], waited, limit) from error
 
     def _leave_if_due(
         self, deadline: float, limit: float, superseded: Callable[[], bool] | None,
@@ -262,18 +298,22 @@ class TimedWork:
 
 
 def _timed_collective(
-    name: str, original: Callable[..., Any], timeouts: AdaptiveTimeouts, ranks_of: _GroupRanks
+    name: str, original: Callable[..., Any], timeouts: AdaptiveTimeouts, kinds: _Kinds
 ) -> Callable[..., Any]:
     # Positions of ``group`` and ``async_op`` in the signature, read once: ``inspect.Signature.bind`` on
     # every call would cost more than the gloo call itself for a small tensor.
     names = list(inspect.signature(original).parameters)
     group_at, async_at = names.index("group"), names.index("async_op")
     blocking = name == "reduce_scatter_tensor"
+    policy = timeouts.policy
+    inline = min(policy.min_timeout_s, policy.warmup_floor_s) >= SLICE_S  # a slice never outlasts a timeout
+    coalescing = dist.distributed_c10d._world.pg_coalesce_state  # one dict for the life of the process
+    monotonic = time.monotonic
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         group = args[group_at] if len(args) > group_at else kwargs.get("group")
-        if _in_coalescing(group):
+        if coalescing and _in_coalescing(group):
             return original(*args, **kwargs)
         if len(args) > async_at:
             caller_async = bool(args[async_at])
@@ -281,11 +321,28 @@ def _timed_collective(
         else:
             caller_async = bool(kwargs.get("async_op", False))
             kwargs["async_op"] = True
-        key = (name, ranks_of(group), _numel(args, kwargs))
-        work = TimedWork([original(*args, **kwargs)], key, timeouts, blocking=blocking)
-        if caller_async:
-            return work
-        work.wait()
+        slot = kinds.find(name, group, _numel(args, kwargs))
+        if slot is None:  # no process group: torch raises its own error
+            return original(*args, **kwargs)
+        work = original(*args, **kwargs)
+        issued = monotonic()
+        if caller_async or blocking or not inline or work is None:
+            timed = TimedWork([work], slot.key, timeouts, blocking=blocking, stats=slot.stats, issued=issued)
+            if caller_async:
+                return timed
+            timed.wait()
+            return None
+        # The synchronous call, nearly every call of a step: its first slice inline, without a TimedWork
+        # (this path runs some 50 times per iteration, and on loaded cores each line of it counts).
+        _waiting[0] += 1
+        try:
+            work.wait(_FIRST_SLICE)
+        except RuntimeError as error:
+            TimedWork([work], slot.key, timeouts, stats=slot.stats, issued=issued).resume(error)
+            return None
+        finally:
+            _waiting[0] -= 1
+        slot.stats.add(monotonic() - issued)
         return None
 
     return wrapper
@@ -331,11 +388,12 @@ def _coalesces_reduce_scatter(group: Any) -> bool:
 
 
 def _timed_coalescing_manager(
-    original: Callable[..., Any], timeouts: AdaptiveTimeouts, ranks_of: _GroupRanks
+    original: Callable[..., Any], timeouts: AdaptiveTimeouts, kinds: _Kinds
 ) -> Callable[..., Any]:
     @contextlib.contextmanager
     def manager(group: Any = None, device: Any = None, async_ops: bool = False) -> Iterator[Any]:
-        proxy = _TimedCoalescing(timeouts, ("coalesced", ranks_of(group), 0))
+        slot = kinds.find("coalesced", group, 0)
+        proxy = _TimedCoalescing(timeouts, slot.key if slot is not None else ("coalesced", (), 0))
         with original(group, device, async_ops=True) as inner:
             yield proxy
             proxy.blocking = _coalesces_reduce_scatter(group)
@@ -358,11 +416,11 @@ def apply(timeouts: AdaptiveTimeouts, superseded: Callable[[], bool] | None = No
     _superseded[0] = superseded
     import megatron.core.distributed.param_and_grad_buffer as buffers
 
-    ranks_of = _GroupRanks()  # one cache for every timed operation of this policy
+    kinds = _Kinds(timeouts)  # one table for every timed operation of this policy
     for name in COLLECTIVES:
-        _PATCHES.replace(dist, name, _timed_collective(name, getattr(dist, name), timeouts, ranks_of))
+        _PATCHES.replace(dist, name, _timed_collective(name, getattr(dist, name), timeouts, kinds))
     _PATCHES.replace(dist, "batch_isend_irecv", _timed_batch(dist.batch_isend_irecv, timeouts))
-    manager = _timed_coalescing_manager(buffers._coalescing_manager, timeouts, ranks_of)
+    manager = _timed_coalescing_manager(buffers._coalescing_manager, timeouts, kinds)
     _PATCHES.replace(buffers, "_coalescing_manager", manager)
 
 
