@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,18 @@ def steady_cpu_seconds(run: JobRun, end_times: Sequence[float], warmup: int) -> 
 def load_average() -> str:
     """The machine's 1, 5 and 15 minute load averages, for the record (the cores are shared)."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def parse_layout(text: str, nproc: int, program: str) -> tuple[int, int]:
+    """``TP2PP1`` as (2, 1); exit with a message naming ``program`` if it is malformed or does not divide
+    ``nproc`` ranks."""
+    match = re.fullmatch(r"TP(\d+)PP(\d+)", text.upper())
+    if not match:
+        raise SystemExit(f"{program}: layout {text!r} must look like TP2PP1")
+    tp, pp = int(match.group(1)), int(match.group(2))
+    if nproc % (tp * pp):
+        raise SystemExit(f"{program}: {text} does not fit {nproc} ranks")
+    return tp, pp
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -30,22 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import REPO, JobRun, launch, load_average, markdown_table, steady_cpu_seconds, steady_seconds
+from common import (
+    REPO,
+    JobRun,
+    launch,
+    load_average,
+    markdown_table,
+    parse_layout,
+    steady_cpu_seconds,
+    steady_seconds,
+)
 
 CONFIG = "examples/gpt/configs/tiny_gpt.yaml"
 LAYOUTS = ("TP1PP1", "TP2PP1", "TP1PP2", "TP2PP2", "TP1PP4", "TP4PP1")
 NPROC = 4
 LOG_LINE = re.compile(r"^ \[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\] iteration\s+(\d+)/", re.M)
-
-
-def parse_layout(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"TP(\d+)PP(\d+)", text.upper())
-    if not match:
-        raise SystemExit(f"healthy_throughput: layout {text!r} must look like TP2PP1")
-    tp, pp = int(match.group(1)), int(match.group(2))
-    if NPROC % (tp * pp):
-        raise SystemExit(f"healthy_throughput: {text} does not fit {NPROC} ranks")
-    return tp, pp
 
 
 def job_shape(config: dict[str, Any], tp: int) -> list[str]:
@@ -105,7 +104,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=10, help="iterations skipped before timing")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
-    layouts = [parse_layout(t) for t in args.layouts.split(",")]
+    layouts = [parse_layout(t, NPROC, "healthy_throughput") for t in args.layouts.split(",")]
     config = yaml.safe_load((REPO / CONFIG).read_text())
     tokens = config["global_batch_size"] * config["seq_length"]
     load_before = load_average()

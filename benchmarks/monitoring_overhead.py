@@ -1,8 +1,10 @@
 """Monitoring overhead on healthy iterations: --unicron's worker machinery on and off in the same processes.
 
     PYTHONPATH=. python benchmarks/monitoring_overhead.py [--json] [--rounds 20] [--block 10]
+        [--nproc 4 --layout TP2PP2]
 
-Starts the tiny CPU job (``examples/gpt/configs/tiny_gpt.yaml``: TP2 PP2 on 4 gloo ranks) through
+Starts the tiny CPU job (``examples/gpt/configs/tiny_gpt.yaml``: TP2 PP2 on 4 gloo ranks; ``--nproc``
+and ``--layout`` choose others, e.g. ``--nproc 2 --layout TP2PP1``, whose ranks do not share a core) through
 ``unicron-run --unicron`` and times iterations in blocks of ``--block`` with each mode in turn, the
 order rotated every round, ``--rounds`` times:
 
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import job_env
+from common import job_env, parse_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "examples/gpt/configs/tiny_gpt.yaml"
@@ -65,8 +67,8 @@ def worker(args: argparse.Namespace) -> int:
     cpu.apply()
     env = WorkerEnv.from_environ()
     total = args.warmup + args.rounds * args.block * len(MODES) + 10
-    margs = resolve_world(parse_args(["--yaml-cfg", str(YAML), "--train-iters", str(total), "--unicron"]),
-                          env.world_size)  # fmt: skip
+    margs = resolve_world(parse_args(["--yaml-cfg", str(YAML), "--train-iters", str(total), "--unicron",
+                                      *_layout_flags(args)]), env.world_size)  # fmt: skip
     trainer = Trainer(margs, forward_step, env)
     channel = JobChannel(trainer.store, JobKeys(env.job))
     if env.rank == 0:
@@ -124,6 +126,11 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layout_flags(args: argparse.Namespace) -> list[str]:
+    tp, pp = parse_layout(args.layout, args.nproc, "monitoring_overhead")
+    return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+
+
 def _paired(blocks: list[float], off: list[float]) -> tuple[float, list[float]]:
     """Median and quartiles of each block against the same round's ``off`` block, in percent."""
     ratios = [(b / o - 1) * 100 for b, o in zip(blocks, off)]
@@ -141,7 +148,8 @@ def summarise(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.
     main = {mode: [sum(r[mode]["main"][k] for r in per_rank) / len(per_rank) for k in range(args.rounds)]
             for mode in MODES}  # fmt: skip
     main_off = statistics.fmean(main["off"])
-    out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "modes": {}}
+    out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "nproc": args.nproc,
+                           "layout": args.layout.upper(), "modes": {}}  # fmt: skip
     for mode in MODES:
         wall, wall_q = _paired(blocks[mode], blocks["off"])
         cpu_pct, cpu_q = _paired(cpu[mode], cpu["off"])
@@ -159,11 +167,12 @@ def summarise(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.
     return out
 
 
-def launcher_cpu(unicron: bool, seconds: float, tmp: Path) -> float:
+def launcher_cpu(unicron: bool, args: argparse.Namespace, tmp: Path) -> float:
     """Percent of a core the launcher process (agent, coordinator, store) uses while a job trains."""
-    argv = [sys.executable, "-m", "megatron_unicron.launch", "--nproc-per-node", "4",
+    argv = [sys.executable, "-m", "megatron_unicron.launch", "--nproc-per-node", str(args.nproc),
             *(["--unicron", "--no-warm-spare"] if unicron else []),
             str(ROOT / "examples/gpt/pretrain_gpt.py"), "--yaml-cfg", str(YAML), "--train-iters", "100000",
+            *_layout_flags(args),
             *(["--unicron", "--unicron-incident-log", str(tmp / "incidents.jsonl")] if unicron else [])]
     # fmt: skip
     env = job_env()
@@ -175,18 +184,18 @@ def launcher_cpu(unicron: bool, seconds: float, tmp: Path) -> float:
                 break
         launcher = psutil.Process(proc.pid)
         start = launcher.cpu_times()
-        time.sleep(seconds)
+        time.sleep(args.launcher_seconds)
         end = launcher.cpu_times()
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return ((end.user + end.system) - (start.user + start.system)) / seconds * 100
+    return ((end.user + end.system) - (start.user + start.system)) / args.launcher_seconds * 100
 
 
 def table(summary: dict[str, Any]) -> str:
     """The summary as Markdown."""
     lines = ["| mode | mean iteration | median iteration | overhead: paired median [quartiles] | "
-             "CPU per iteration (4 ranks) | CPU overhead: paired median [quartiles] | "
+             f"CPU per iteration ({summary['nproc']} ranks) | CPU overhead: paired median [quartiles] | "
              "training thread's CPU per iteration and rank (extra) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode, m in summary["modes"].items():
@@ -213,19 +222,26 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20, help="iterations before timing (default 20)")
     parser.add_argument("--launcher-seconds", type=float, default=20.0,
                         help="seconds of launcher CPU sampled per launcher mode (0: skip; default 20)")
+    parser.add_argument("--nproc", type=int, default=4, help="ranks (default 4)")
+    parser.add_argument("--layout", default="TP2PP2",
+                        help="TPxPPy on those ranks, the rest DP (default TP2PP2)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if min(args.rounds, args.block) < 1 or args.warmup < 0 or args.launcher_seconds < 0:
         parser.error("--rounds and --block must be >= 1; --warmup and --launcher-seconds >= 0")
+    if args.nproc < 1:
+        parser.error("--nproc must be >= 1")
+    _layout_flags(args)  # a malformed layout fails here, before anything starts
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory(prefix="unicron_monbench_") as scratch:
         tmp = Path(scratch)
         out = tmp / "result.json"
         cmd = [sys.executable, "-m", "megatron_unicron.launch", "--unicron", "--no-warm-spare",
-               "--nproc-per-node", "4", __file__, "--worker", "--out", str(out), "--rounds", str(args.rounds),
-               "--block", str(args.block), "--warmup", str(args.warmup)]  # fmt: skip
+               "--nproc-per-node", str(args.nproc), __file__, "--worker", "--out", str(out),
+               "--rounds", str(args.rounds), "--block", str(args.block), "--warmup", str(args.warmup),
+               "--nproc", str(args.nproc), "--layout", args.layout]  # fmt: skip
         env = job_env()
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
@@ -234,7 +250,7 @@ def main() -> int:
         summary = summarise(json.loads(out.read_text()), args)
         if args.launcher_seconds:
             summary["launcher_cpu_pct"] = {
-                mode: launcher_cpu(mode == "on", args.launcher_seconds, tmp) for mode in ("off", "on")
+                mode: launcher_cpu(mode == "on", args, tmp) for mode in ("off", "on")
             }
     print(json.dumps(summary, indent=2) if args.json else table(summary))
     return 0
