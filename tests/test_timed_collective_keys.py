@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 from datetime import timedelta
 
@@ -46,3 +47,35 @@ def test_each_group_keys_its_own_statistics_and_a_destroyed_group_is_forgotten(o
     gc.collect()
     assert len(kinds.slots) == 1  # the table holds no reference that would keep the group alive
     assert tensor.tolist() == [1.0] * 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="collectives are not timed with CUDA")
+def test_a_synchronous_all_reduce_goes_to_the_backend_and_every_other_call_through_torch(
+    monkeypatch, one_rank_world
+):
+    through_torch = []
+    original = dist.all_reduce
+
+    @functools.wraps(original)  # the wrapper reads the signature
+    def spy(*args, **kwargs):
+        through_torch.append(kwargs.get("async_op", args[3] if len(args) > 3 else False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", spy)
+    timeouts = AdaptiveTimeouts(TimeoutPolicy())
+    timed_collectives.apply(timeouts)
+    try:
+        plain = torch.tensor([1.0, 2.0])
+        assert dist.all_reduce(plain, op=dist.ReduceOp.MAX) is None
+        assert through_torch == [] and plain.tolist() == [1.0, 2.0]
+        assert timeouts.samples(("all_reduce", (0,), 2)) == 1  # timed all the same
+
+        dist.all_reduce(torch.nn.Parameter(torch.ones(3)))  # a subclass: torch decides what it means
+        dist.all_reduce(torch.ones(2, dtype=torch.complex64))  # complex: torch views it as real
+        work = dist.all_reduce(torch.ones(4), async_op=True)
+        assert isinstance(work, timed_collectives.TimedWork) and work.wait()
+        assert through_torch == [True, True, True]  # each issued asynchronously by the general wrapper
+        assert [timeouts.samples(("all_reduce", (0,), n)) for n in (3, 4)] == [1, 1]
+    finally:
+        timed_collectives.revert()
+    assert dist.all_reduce is spy

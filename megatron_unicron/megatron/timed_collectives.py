@@ -27,6 +27,12 @@ Patched: ``torch.distributed.{all_reduce, all_gather_into_tensor, reduce_scatter
 broadcast, barrier, batch_isend_irecv}`` (megatron's pipeline uses batched p2p by default;
 ``isend``/``irecv`` themselves stay untouched because ``P2POp`` checks their identity) and
 ``megatron.core.distributed.param_and_grad_buffer._coalescing_manager``. Revertible.
+
+The wrapper runs on every collective of a step (some 50 per iteration at TP 2), so its path is kept
+short: each kind of operation's key and statistics are found in one lookup (``_Kinds``), a synchronous
+caller's first slice is waited inline, and a plain synchronous ``all_reduce`` (most of them) is issued
+to the group's backend directly, as torch's ``all_reduce`` does after its checks, instead of through
+that front-end as well as this one.
 """
 
 from __future__ import annotations
@@ -147,9 +153,9 @@ class _Kinds:
 
     def find(self, name: str, group: Any, numel: int) -> _Slot | None:
         """The slot of ``name`` on ``group`` (``None``: the default group) for ``numel`` elements;
-        ``None`` without a process group."""
+        ``None`` without a process group, or when this rank is not a member of ``group``."""
         target = dist.distributed_c10d._world.default_pg if group is None else group
-        if target is None:
+        if not isinstance(target, dist.ProcessGroup):  # no world yet, or not a member of ``group``
             return None
         index = (name, id(target), numel)
         slot = self.slots.get(index)
@@ -297,6 +303,27 @@ class TimedWork:
         return self._works[0].result()
 
 
+def _wait_inline(work: Any, slot: _Slot, timeouts: AdaptiveTimeouts, issued: float) -> None:
+    """Wait for a synchronous caller's work: its first slice here, without a TimedWork (nearly every call
+    of a step comes this way, some 50 per iteration, and on loaded cores each line of it counts); the
+    rest, if it takes longer, through a TimedWork."""
+    _waiting[0] += 1
+    try:
+        work.wait(_FIRST_SLICE)
+    except RuntimeError as error:
+        TimedWork([work], slot.key, timeouts, stats=slot.stats, issued=issued).resume(error)
+        return
+    finally:
+        _waiting[0] -= 1
+    slot.stats.add(time.monotonic() - issued)
+
+
+def _inline_waits(timeouts: AdaptiveTimeouts) -> bool:
+    """Whether a first slice never outlasts a timeout of ``timeouts`` (else every wait goes through a
+    TimedWork)."""
+    return min(timeouts.policy.min_timeout_s, timeouts.policy.warmup_floor_s) >= SLICE_S
+
+
 def _timed_collective(
     name: str, original: Callable[..., Any], timeouts: AdaptiveTimeouts, kinds: _Kinds
 ) -> Callable[..., Any]:
@@ -305,15 +332,16 @@ def _timed_collective(
     names = list(inspect.signature(original).parameters)
     group_at, async_at = names.index("group"), names.index("async_op")
     blocking = name == "reduce_scatter_tensor"
-    policy = timeouts.policy
-    inline = min(policy.min_timeout_s, policy.warmup_floor_s) >= SLICE_S  # a slice never outlasts a timeout
+    inline = _inline_waits(timeouts) and not blocking
     coalescing = dist.distributed_c10d._world.pg_coalesce_state  # one dict for the life of the process
-    monotonic = time.monotonic
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         group = args[group_at] if len(args) > group_at else kwargs.get("group")
         if coalescing and _in_coalescing(group):
+            return original(*args, **kwargs)
+        slot = kinds.find(name, group, _numel(args, kwargs))
+        if slot is None:  # no process group, or not a member of it: torch's own answer
             return original(*args, **kwargs)
         if len(args) > async_at:
             caller_async = bool(args[async_at])
@@ -321,31 +349,48 @@ def _timed_collective(
         else:
             caller_async = bool(kwargs.get("async_op", False))
             kwargs["async_op"] = True
-        slot = kinds.find(name, group, _numel(args, kwargs))
-        if slot is None:  # no process group: torch raises its own error
-            return original(*args, **kwargs)
         work = original(*args, **kwargs)
-        issued = monotonic()
-        if caller_async or blocking or not inline or work is None:
+        issued = time.monotonic()
+        if caller_async or not inline or work is None:
             timed = TimedWork([work], slot.key, timeouts, blocking=blocking, stats=slot.stats, issued=issued)
             if caller_async:
                 return timed
             timed.wait()
             return None
-        # The synchronous call, nearly every call of a step: its first slice inline, without a TimedWork
-        # (this path runs some 50 times per iteration, and on loaded cores each line of it counts).
-        _waiting[0] += 1
-        try:
-            work.wait(_FIRST_SLICE)
-        except RuntimeError as error:
-            TimedWork([work], slot.key, timeouts, stats=slot.stats, issued=issued).resume(error)
-            return None
-        finally:
-            _waiting[0] -= 1
-        slot.stats.add(monotonic() - issued)
+        _wait_inline(work, slot, timeouts, issued)
         return None
 
     return wrapper
+
+
+def _timed_all_reduce(
+    timed: Callable[..., Any], timeouts: AdaptiveTimeouts, kinds: _Kinds
+) -> Callable[..., Any]:
+    """``all_reduce`` of a synchronous caller, the bulk of a step's collectives (tensor-parallel layers,
+    losses, gradient norms), issued to the group's backend here, as torch's own ``all_reduce`` issues it
+    after its checks; that front-end and this wrapper's would otherwise both run on every call. Any
+    other call (asynchronous, inside a coalescing block, a tensor subclass or complex tensor, no group or
+    not a member) goes through ``timed``, the general timed collective."""
+    inline = _inline_waits(timeouts)
+    coalescing = dist.distributed_c10d._world.pg_coalesce_state
+
+    @functools.wraps(timed)
+    def all_reduce(
+        tensor: Any, op: Any = dist.ReduceOp.SUM, group: Any = None, async_op: bool = False
+    ) -> Any:
+        if async_op or coalescing or not inline or type(tensor) is not torch.Tensor or tensor.is_complex():
+            return timed(tensor, op, group, async_op)
+        slot = kinds.find("all_reduce", group, tensor.numel())
+        target = slot.group() if slot is not None else None
+        if slot is None or target is None:
+            return timed(tensor, op, group, async_op)
+        options = dist.AllreduceOptions()
+        options.reduceOp = op
+        options.asyncOp = True
+        work = target.allreduce([tensor], options)
+        _wait_inline(work, slot, timeouts, time.monotonic())
+
+    return all_reduce
 
 
 def _timed_batch(original: Callable[..., Any], timeouts: AdaptiveTimeouts) -> Callable[..., Any]:
@@ -417,8 +462,10 @@ def apply(timeouts: AdaptiveTimeouts, superseded: Callable[[], bool] | None = No
     import megatron.core.distributed.param_and_grad_buffer as buffers
 
     kinds = _Kinds(timeouts)  # one table for every timed operation of this policy
-    for name in COLLECTIVES:
-        _PATCHES.replace(dist, name, _timed_collective(name, getattr(dist, name), timeouts, kinds))
+    timed = {name: _timed_collective(name, getattr(dist, name), timeouts, kinds) for name in COLLECTIVES}
+    timed["all_reduce"] = _timed_all_reduce(timed["all_reduce"], timeouts, kinds)
+    for name, wrapper in timed.items():
+        _PATCHES.replace(dist, name, wrapper)
     _PATCHES.replace(dist, "batch_isend_irecv", _timed_batch(dist.batch_isend_irecv, timeouts))
     manager = _timed_coalescing_manager(buffers._coalescing_manager, timeouts, kinds)
     _PATCHES.replace(buffers, "_coalescing_manager", manager)
