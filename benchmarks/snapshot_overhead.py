@@ -9,8 +9,11 @@ interleaved, their order rotated every round, ``--rounds`` times. Snapshots go t
 (``/dev/shm``). Per mode: the mean and median iteration time (slowest rank of each iteration), the
 overhead against "off" (paired: the median over rounds of each round's block mean against the same
 round's "off" block, which cancels the drift of a shared machine's load; and unpaired, from the
-overall means and medians), the time the training thread spends handing a snapshot over (after the
-commit), the stall before the optimizer step waiting for the copy, and the background copy time.
+overall means and medians); the CPU time the ranks use per iteration, every thread of theirs counted
+(the writer's too), and its paired overhead: on 2 saturated cores a snapshot's cost is CPU taken from
+the ranks, and this figure drifts less with the machine's load than wall time; the time the training
+thread spends handing a snapshot over (after the commit), the stall before the optimizer step waiting
+for the copy, and the background copy time.
 Then ``--persists`` times each: a synchronous ``checkpoint.save`` and the asynchronous persist of
 the snapshots (its stall: planning + finalising, plus what the iterations it overlapped lost).
 """
@@ -73,17 +76,19 @@ def worker(args: argparse.Namespace) -> int:
     service.interval = 0
     for _ in range(args.warmup):
         trainer.train_step()
-    rows: dict[str, dict[str, list[float]]] = {name: {"iter": [], "hook": [], "stall": [], "copy": []}
-                                               for name, _ in MODES}  # fmt: skip
+    columns = ("iter", "hook", "stall", "copy", "cpu")
+    rows: dict[str, dict[str, list[float]]] = {name: {c: [] for c in columns} for name, _ in MODES}
     for r in range(args.rounds):
         for name, interval in MODES[r % len(MODES):] + MODES[: r % len(MODES)]:
             service.interval = interval
             stalls0, copy0, hooks0 = len(service.stalls), service.writer.stats.copy_seconds, len(hook_times)
+            cpu0 = time.process_time()
             for _ in range(args.block):
                 t0 = time.perf_counter()
                 trainer.train_step()
                 rows[name]["iter"].append(time.perf_counter() - t0)
             service.before_step()  # the last copy of the block belongs to this block
+            rows[name]["cpu"].append(time.process_time() - cpu0)  # every thread's: the writer's too
             rows[name]["hook"].append(sum(hook_times[hooks0:]))
             rows[name]["stall"].append(sum(service.stalls[stalls0:]))
             rows[name]["copy"].append(service.writer.stats.copy_seconds - copy0)
@@ -119,12 +124,15 @@ def worker(args: argparse.Namespace) -> int:
 
 def summarise(per_rank: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """Per mode: iteration times (slowest rank per iteration), overheads and snapshot costs."""
-    out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "persists": args.persists, "modes": {}}
+    out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "persists": args.persists,
+                           "nproc": args.nproc, "modes": {}}  # fmt: skip
     iterations = args.rounds * args.block
     slowest = {name: [max(r["rows"][name]["iter"][i] for r in per_rank) for i in range(iterations)]
                for name, _ in MODES}  # fmt: skip
     block_means = {name: [statistics.fmean(times[k * args.block : (k + 1) * args.block])
                           for k in range(args.rounds)] for name, times in slowest.items()}  # fmt: skip
+    cpu_blocks = {name: [sum(r["rows"][name]["cpu"][k] for r in per_rank) for k in range(args.rounds)]
+                  for name, _ in MODES}  # fmt: skip
     for name, interval in MODES:
         times = slowest[name]
         per_iter = {k: max(sum(r["rows"][name][k]) for r in per_rank) / iterations * 1e3
@@ -133,6 +141,10 @@ def summarise(per_rank: list[dict[str, Any]], args: argparse.Namespace) -> dict[
             "interval": interval,
             "overhead_paired_pct": statistics.median(
                 (mode / off - 1) * 100 for mode, off in zip(block_means[name], block_means["off"])
+            ),
+            "cpu_ms_per_iter": statistics.median(cpu_blocks[name]) / args.block * 1e3,
+            "cpu_overhead_paired_pct": statistics.median(
+                (mode / off - 1) * 100 for mode, off in zip(cpu_blocks[name], cpu_blocks["off"])
             ),
             "iter_mean_ms": statistics.fmean(times) * 1e3,
             "iter_median_ms": statistics.median(times) * 1e3,
@@ -159,15 +171,17 @@ def summarise(per_rank: list[dict[str, Any]], args: argparse.Namespace) -> dict[
 def table(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table."""
     lines = [
-        "| mode | mean iteration | median iteration | overhead: paired (mean / median) | hand-over + stall "
-        "on the training thread | background copy |",
-        "|---|---|---|---|---|---|",
+        "| mode | mean iteration | median iteration | overhead: paired (mean / median) | CPU per "
+        f"iteration ({summary['nproc']} ranks, every thread) | CPU overhead: paired | hand-over + stall on "
+        "the training thread | background copy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in summary["modes"].items():
         lines.append(
             f"| {name} | {m['iter_mean_ms']:.1f} ms | {m['iter_median_ms']:.1f} ms | "
             f"{m['overhead_paired_pct']:+.1f} % "
             f"({m['overhead_mean_pct']:+.1f} % / {m['overhead_median_pct']:+.1f} %) | "
+            f"{m['cpu_ms_per_iter']:.1f} ms | {m['cpu_overhead_paired_pct']:+.1f} % | "
             f"{m['training_thread_ms_per_iter']:.2f} ms/iter ({m['training_thread_pct']:.2f} %) | "
             f"{m['background_copy_ms_per_iter']:.2f} ms/iter |"
         )
