@@ -1,7 +1,7 @@
 """Monitoring overhead on healthy iterations: --unicron's worker machinery on and off in the same processes.
 
     PYTHONPATH=. python benchmarks/monitoring_overhead.py [--json] [--rounds 20] [--block 10]
-        [--nproc 4 --layout TP2PP2]
+        [--nproc 4 --layout TP2PP2] [--per-op]
 
 Starts the tiny CPU job (``examples/gpt/configs/tiny_gpt.yaml``: TP2 PP2 on 4 gloo ranks; ``--nproc``
 and ``--layout`` choose others, e.g. ``--nproc 2 --layout TP2PP1``, whose ranks do not share a core) through
@@ -25,18 +25,25 @@ Comparing separate runs (``detection_latency.py --overhead-rounds``) cannot reso
 the same job's speed drifts by 10-30 % between runs minutes apart. The launcher's agent and
 coordinator run in every mode; their CPU use is measured separately, against the same launcher
 without ``--unicron``.
+
+``--per-op`` also meters every ``torch.distributed`` operation the training thread calls, outermost, in
+every mode: calls per iteration and the thread's CPU time per call. A block's total moves by a
+millisecond or two from block to block; the same operation's cost per call, over thousands of calls,
+does not, so the difference per call between "timed" and "off" is what timing an operation costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,44 @@ from common import job_env, parse_layout
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "examples/gpt/configs/tiny_gpt.yaml"
 MODES = ("off", "timed", "guard", "on")
+METERED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "broadcast",
+           "barrier", "batch_isend_irecv")  # fmt: skip
+
+
+class OpMeter:
+    """``--per-op``: counts each ``torch.distributed`` operation the training thread calls, and the CPU time
+    the thread spends inside it, per mode. Installed outermost (over the timed wrappers, when a mode has
+    them), so the difference between modes per call is what timing an operation costs."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, dict[str, list[float]]] = {mode: {} for mode in MODES}
+
+    @contextlib.contextmanager
+    def installed(self, mode: str) -> Iterator[None]:
+        """Meter every operation of ``METERED`` inside the block as ``mode``'s."""
+        import torch.distributed as dist
+
+        inner = {name: getattr(dist, name) for name in METERED}
+        for name, function in inner.items():
+            setattr(dist, name, self._metered(self.totals[mode].setdefault(name, [0, 0.0]), function))
+        try:
+            yield
+        finally:
+            for name, function in inner.items():
+                setattr(dist, name, function)
+
+    @staticmethod
+    def _metered(total: list[float], function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)  # the timed wrappers read the signature of what they wrap
+        def metered(*args: Any, **kwargs: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                total[0] += 1
+                total[1] += time.thread_time() - started
+
+        return metered
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -80,7 +125,9 @@ def worker(args: argparse.Namespace) -> int:
     policy = TimeoutPolicy(slow_factor=detection.slow_factor, warmup_floor_s=detection.warmup_floor_s,
                            min_timeout_s=detection.min_timeout_s)  # fmt: skip
 
-    def block(mode: str) -> tuple[list[float], float, float]:
+    meter = OpMeter() if args.per_op else None
+
+    def block(mode: str, measured: bool = True) -> tuple[list[float], float, float]:
         healer = None
         trainer.guard.enabled = mode in ("guard", "on")
         if mode == "timed":
@@ -92,13 +139,15 @@ def worker(args: argparse.Namespace) -> int:
             attempt = healer.attempt
             step = lambda: attempt(trainer.train_step)  # noqa: E731
         times = []
+        metering = meter.installed(mode) if meter is not None and measured else contextlib.nullcontext()
         try:
             dist.barrier()
             cpu0, main0 = time.process_time(), time.thread_time()
-            for _ in range(args.block):
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
+            with metering:
+                for _ in range(args.block):
+                    t0 = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - t0)
             cpu = (time.process_time() - cpu0) / args.block
             main = (time.thread_time() - main0) / args.block
         finally:
@@ -108,8 +157,8 @@ def worker(args: argparse.Namespace) -> int:
         return times, cpu, main
 
     for _ in range(args.warmup // 2):
-        block("off")
-        block("on")
+        block("off", measured=False)
+        block("on", measured=False)
     rows: dict[str, dict[str, list[float]]] = {mode: {"iter": [], "cpu": [], "main": []} for mode in MODES}
     for r in range(args.rounds):
         for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
@@ -118,7 +167,7 @@ def worker(args: argparse.Namespace) -> int:
             rows[mode]["cpu"].append(cpu_s)
             rows[mode]["main"].append(main_s)
     everything: list[Any] = [None] * env.world_size
-    dist.all_gather_object(everything, rows)
+    dist.all_gather_object(everything, {"rows": rows, "ops": meter.totals if meter is not None else None})
     if env.rank == 0:
         Path(args.out).write_text(json.dumps(everything))
         channel.mark_done()
@@ -192,6 +241,34 @@ def launcher_cpu(unicron: bool, args: argparse.Namespace, tmp: Path) -> float:
     return ((end.user + end.system) - (start.user + start.system)) / args.launcher_seconds * 100
 
 
+def per_op(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.Namespace) -> dict[str, Any]:
+    """Per operation: calls per iteration and rank, and the training thread's CPU per call in each mode."""
+    iterations = args.rounds * args.block * len(per_rank)
+    out: dict[str, Any] = {}
+    for name in METERED:
+        calls = {mode: sum(r[mode].get(name, [0, 0.0])[0] for r in per_rank) for mode in MODES}
+        if not calls["off"]:
+            continue
+        cpu = {mode: sum(r[mode].get(name, [0, 0.0])[1] for r in per_rank) for mode in MODES}
+        out[name] = {"calls_per_iter": calls["off"] / iterations,
+                     "cpu_us_per_call": {m: cpu[m] / calls[m] * 1e6 if calls[m] else None for m in MODES}}
+    return out
+
+
+def per_op_table(ops: dict[str, Any]) -> str:
+    """The per-operation figures as Markdown."""
+    lines = ["| operation | calls per iteration and rank | " + " | ".join(
+             f"training thread's CPU per call: {m}" for m in MODES) + " |", "|---|---|" + "---|" * len(MODES)]
+    for name, o in ops.items():
+        cells = []
+        for mode in MODES:
+            value, off = o["cpu_us_per_call"][mode], o["cpu_us_per_call"]["off"]
+            extra = "" if mode == "off" else f" ({value - off:+.1f})" if value is not None else ""
+            cells.append("" if value is None else f"{value:.1f} µs{extra}")
+        lines.append(f"| {name} | {o['calls_per_iter']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(summary: dict[str, Any]) -> str:
     """The summary as Markdown."""
     lines = ["| mode | mean iteration | median iteration | overhead: paired median [quartiles] | "
@@ -210,6 +287,8 @@ def table(summary: dict[str, Any]) -> str:
     if cpu:
         lines += ["", f"launcher (agent, coordinator, store) while training: {cpu['on']:.2f} % of a core "
                       f"with --unicron, {cpu['off']:.2f} % without"]  # fmt: skip
+    if summary.get("per_op"):
+        lines += ["", per_op_table(summary["per_op"])]
     return "\n".join(lines)
 
 
@@ -225,6 +304,8 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=4, help="ranks (default 4)")
     parser.add_argument("--layout", default="TP2PP2",
                         help="TPxPPy on those ranks, the rest DP (default TP2PP2)")
+    parser.add_argument("--per-op", action="store_true",
+                        help="also meter the CPU per call of each collective in each mode (a wrapper in all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,13 +322,17 @@ def main() -> int:
         cmd = [sys.executable, "-m", "megatron_unicron.launch", "--unicron", "--no-warm-spare",
                "--nproc-per-node", str(args.nproc), __file__, "--worker", "--out", str(out),
                "--rounds", str(args.rounds), "--block", str(args.block), "--warmup", str(args.warmup),
-               "--nproc", str(args.nproc), "--layout", args.layout]  # fmt: skip
+               "--nproc", str(args.nproc), "--layout", args.layout, *(["--per-op"] if args.per_op else [])]
+        # fmt: skip
         env = job_env()
         done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])
             return done.returncode
-        summary = summarise(json.loads(out.read_text()), args)
+        payload = json.loads(out.read_text())
+        summary = summarise([rank["rows"] for rank in payload], args)
+        if args.per_op:
+            summary["per_op"] = per_op([rank["ops"] for rank in payload], args)
         if args.launcher_seconds:
             summary["launcher_cpu_pct"] = {
                 mode: launcher_cpu(mode == "on", args, tmp) for mode in ("off", "on")
