@@ -19,7 +19,8 @@ Per mode: the mean iteration time (slowest rank of each iteration) and the overh
 paired (the median over rounds of each block's mean against the same round's ``off`` block, which
 cancels the drift of a shared machine's load); the same for the CPU time the 4 processes use per
 iteration (all their threads), which scheduling on 2 shared cores disturbs less than wall time; and the
-training thread's own CPU time per iteration and rank, which says how much of an overhead is the
+training thread's own CPU time per iteration and rank (the median over blocks, and the median of each
+block's difference from the same round's "off" block), which says how much of an overhead is the
 Python and C++ path of the training thread itself (the timed collectives' wrappers run there).
 Comparing separate runs (``detection_latency.py --overhead-rounds``) cannot resolve a percent here:
 the same job's speed drifts by 10-30 % between runs minutes apart. The launcher's agent and
@@ -196,7 +197,6 @@ def summarise(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.
     cpu = {mode: [sum(r[mode]["cpu"][k] for r in per_rank) for k in range(args.rounds)] for mode in MODES}
     main = {mode: [sum(r[mode]["main"][k] for r in per_rank) / len(per_rank) for k in range(args.rounds)]
             for mode in MODES}  # fmt: skip
-    main_off = statistics.fmean(main["off"])
     out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "nproc": args.nproc,
                            "layout": args.layout.upper(), "modes": {}}  # fmt: skip
     for mode in MODES:
@@ -210,8 +210,11 @@ def summarise(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.
             "cpu_ms_per_iter": statistics.median(cpu[mode]) * 1e3,
             "cpu_overhead_paired_pct": cpu_pct,
             "cpu_paired_quartiles_pct": cpu_q,
-            "training_thread_cpu_ms_per_iter": statistics.fmean(main[mode]) * 1e3,
-            "training_thread_cpu_extra_ms": (statistics.fmean(main[mode]) - main_off) * 1e3,
+            # Medians: a block that caught a full garbage collection (several ms) would move a mean.
+            "training_thread_cpu_ms_per_iter": statistics.median(main[mode]) * 1e3,
+            "training_thread_cpu_extra_ms": statistics.median(
+                m - o for m, o in zip(main[mode], main["off"])
+            ) * 1e3,
         }
     return out
 

@@ -1,4 +1,7 @@
-"""The statistics key of a timed collective: the group's ranks, remembered without keeping the group alive."""
+"""Timed collectives per call: their statistics keys, and which all_reduce calls go straight to the backend.
+
+A key names the group by its ranks, remembered without keeping the group alive.
+"""
 
 from __future__ import annotations
 
