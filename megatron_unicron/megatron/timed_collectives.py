@@ -373,6 +373,7 @@ def _timed_all_reduce(
     not a member) goes through ``timed``, the general timed collective."""
     inline = _inline_waits(timeouts)
     coalescing = dist.distributed_c10d._world.pg_coalesce_state
+    says_async = hasattr(dist.AllreduceOptions(), "asyncOp")  # an older torch has no such field
 
     @functools.wraps(timed)
     def all_reduce(
@@ -386,7 +387,8 @@ def _timed_all_reduce(
             return timed(tensor, op, group, async_op)
         options = dist.AllreduceOptions()
         options.reduceOp = op
-        options.asyncOp = True
+        if says_async:
+            options.asyncOp = True  # waited here, not inside the backend's call
         work = target.allreduce([tensor], options)
         _wait_inline(work, slot, timeouts, time.monotonic())
 
