@@ -263,11 +263,14 @@ def per_op_table(ops: dict[str, Any]) -> str:
     lines = ["| operation | calls per iteration and rank | " + " | ".join(
              f"training thread's CPU per call: {m}" for m in MODES) + " |", "|---|---|" + "---|" * len(MODES)]
     for name, o in ops.items():
+        off = o["cpu_us_per_call"]["off"]
         cells = []
         for mode in MODES:
-            value, off = o["cpu_us_per_call"][mode], o["cpu_us_per_call"]["off"]
-            extra = "" if mode == "off" else f" ({value - off:+.1f})" if value is not None else ""
-            cells.append("" if value is None else f"{value:.1f} µs{extra}")
+            value = o["cpu_us_per_call"][mode]
+            if value is None:  # the mode never called it
+                cells.append("")
+            else:
+                cells.append(f"{value:.1f} µs" + ("" if mode == "off" else f" ({value - off:+.1f})"))
         lines.append(f"| {name} | {o['calls_per_iter']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -10,10 +10,9 @@ interleaved, their order rotated every round, ``--rounds`` times. Snapshots go t
 overhead against "off" (paired: the median over rounds of each round's block mean against the same
 round's "off" block, which cancels the drift of a shared machine's load; and unpaired, from the
 overall means and medians); the CPU time the ranks use per iteration, every thread of theirs counted
-(the writer's too), and its paired overhead: on 2 saturated cores a snapshot's cost is CPU taken from
-the ranks, and this figure drifts less with the machine's load than wall time; the time the training
-thread spends handing a snapshot over (after the commit), the stall before the optimizer step waiting
-for the copy, and the background copy time.
+(the writer's too), and its paired overhead (on 2 saturated cores a snapshot's cost is CPU taken from
+the ranks); the time the training thread spends handing a snapshot over (after the commit), the stall
+before the optimizer step waiting for the copy, and the background copy time.
 Then ``--persists`` times each: a synchronous ``checkpoint.save`` and the asynchronous persist of
 the snapshots (its stall: planning + finalising, plus what the iterations it overlapped lost).
 """
@@ -122,6 +121,11 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _paired_pct(blocks: list[float], off: list[float]) -> float:
+    """Median over rounds of each block against the same round's "off" block, in percent."""
+    return statistics.median((block / base - 1) * 100 for block, base in zip(blocks, off))
+
+
 def summarise(per_rank: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """Per mode: iteration times (slowest rank per iteration), overheads and snapshot costs."""
     out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "persists": args.persists,
@@ -139,13 +143,9 @@ def summarise(per_rank: list[dict[str, Any]], args: argparse.Namespace) -> dict[
                     for k in ("hook", "stall", "copy")}  # fmt: skip
         out["modes"][name] = {
             "interval": interval,
-            "overhead_paired_pct": statistics.median(
-                (mode / off - 1) * 100 for mode, off in zip(block_means[name], block_means["off"])
-            ),
+            "overhead_paired_pct": _paired_pct(block_means[name], block_means["off"]),
             "cpu_ms_per_iter": statistics.median(cpu_blocks[name]) / args.block * 1e3,
-            "cpu_overhead_paired_pct": statistics.median(
-                (mode / off - 1) * 100 for mode, off in zip(cpu_blocks[name], cpu_blocks["off"])
-            ),
+            "cpu_overhead_paired_pct": _paired_pct(cpu_blocks[name], cpu_blocks["off"]),
             "iter_mean_ms": statistics.fmean(times) * 1e3,
             "iter_median_ms": statistics.median(times) * 1e3,
             "handover_ms_per_iter": per_iter["hook"],

@@ -80,7 +80,8 @@ class AdaptiveTimeouts:
 
     def stats(self, key: Hashable) -> RunningMean:
         """The live statistics of ``key``, created empty if new. A caller may keep them and ``add`` to
-        them directly (the hot path of a timed collective) until :attr:`epoch` changes."""
+        them directly (the hot path of a timed collective) until :attr:`epoch` changes. ``add`` takes no
+        lock: each key is recorded by one thread (the training thread's collectives and iterations)."""
         with self._lock:
             stats = self._stats.get(key)
             if stats is None:
