@@ -32,3 +32,33 @@ def test_an_undone_step_is_redone_bit_for_bit(flags: tuple[str, ...]) -> None:
     assert found is not None, result.output[-4000:]
     kept = int(found.group(1))
     assert (kept > 0) == ("--unicron-snapshot-interval" in flags), kept
+
+
+def test_the_copied_tensors_are_found_again_when_the_optimizer_state_changes() -> None:
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_unicron.megatron.guard import StepGuard, _optimizer_tensors
+
+    model = torch.nn.Linear(3, 2)
+    adam = torch.optim.Adam(model.parameters())
+    bundle = SimpleNamespace(optimizer=SimpleNamespace(optimizer=adam), gpt=model)
+    guard = StepGuard()
+
+    def found() -> list[torch.Tensor]:
+        return guard._sources_of(bundle).tensors
+
+    before_first_step = found()
+    assert len(before_first_step) == 2 and found() is before_first_step  # cached while nothing changes
+    model(torch.ones(1, 3)).sum().backward()
+    adam.step()  # Adam creates its state at the first step
+    stepped = found()
+    assert stepped is not before_first_step and len(stepped) == 8
+    adam.load_state_dict(copy.deepcopy(adam.state_dict()))  # a new state dict holding new tensors
+    loaded = found()
+    assert [t.data_ptr() for t in loaded] == [t.data_ptr() for t in _optimizer_tensors(bundle.optimizer)]
+    assert [t.data_ptr() for t in loaded] != [t.data_ptr() for t in stepped]
+    adam.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))]})
+    assert len(found()) == 9

@@ -11,8 +11,9 @@ its copy back. State is therefore never mixed from two iterations: every rank re
 the same iteration.
 
 The copy costs one fused memcpy of the optimizer's tensors per iteration into buffers reused from the
-previous one (host memory on CPU), plus the model parameters the optimizer does not step itself;
-it is taken only with ``--unicron`` (without it no recovery ever undoes a step). When an in-memory
+previous one (host memory on CPU), plus the model parameters the optimizer does not step itself; which
+tensors those are is found again only when the optimizer's state changes shape (``_StateShape``). It
+is taken only with ``--unicron`` (without it no recovery ever undoes a step). When an in-memory
 snapshot of the same committed iteration has just been copied (``--unicron-snapshot-interval 1``), the
 guard takes the tensors that snapshot holds from its slot instead of copying them a second time
 (``copy_source``); the slot stays untouched until the next snapshot, which is written after the next
@@ -88,6 +89,34 @@ def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
 
 
 @dataclass(frozen=True)
+class _StateShape:
+    """What can change which tensors an optimizer holds, cheap to compare every iteration.
+
+    torch's optimizers update their state tensors in place; they add state at a parameter's first step
+    (more entries) and ``load_state_dict`` replaces the state dict and the groups (other objects). The
+    objects are held here, so that their ids cannot be reused while the description is kept."""
+
+    ids: tuple[int, ...]
+    sizes: tuple[int, ...]
+    held: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, optimizer: Any) -> _StateShape:
+        """The description of ``optimizer`` now."""
+        held: list[Any] = []
+        sizes: list[int] = []
+        for inner in _inner_optimizers(optimizer):
+            state, groups = inner.state, inner.param_groups
+            held += (state, groups, *groups)
+            sizes += (len(state), sum(map(len, state.values())), *(len(g["params"]) for g in groups))
+        return cls(tuple(map(id, held)), tuple(sizes), tuple(held))
+
+    def matches(self, other: _StateShape) -> bool:
+        """Whether ``other`` describes the same objects with the same sizes."""
+        return self.ids == other.ids and self.sizes == other.sizes
+
+
+@dataclass(frozen=True)
 class KeptCopy:
     """Copies of live tensors kept elsewhere (a finished snapshot): ``copies[i]`` holds the bytes
     ``tensors[i]`` had after the commit of ``iteration`` (committed count)."""
@@ -117,17 +146,39 @@ def _copies_in(kept: KeptCopy, sources: list[torch.Tensor]) -> list[torch.Tensor
     return covered
 
 
-def _copy_into(buffers: list[torch.Tensor] | None, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+def _fits(buffers: list[torch.Tensor] | None, sources: list[torch.Tensor]) -> bool:
+    return (
+        buffers is not None
+        and len(buffers) == len(sources)
+        and all(b.shape == s.shape and b.dtype == s.dtype for b, s in zip(buffers, sources, strict=True))
+    )
+
+
+def _copy_into(
+    buffers: list[torch.Tensor] | None, sources: list[torch.Tensor], *, fitted: bool = False
+) -> list[torch.Tensor]:
     """Copies of ``sources``: into last step's ``buffers`` when they still match (one fused copy, no
-    allocation: per-tensor clones of a few hundred small tensors cost more than the bytes), else new."""
-    if buffers is not None and len(buffers) == len(sources) and all(
-        b.shape == s.shape and b.dtype == s.dtype for b, s in zip(buffers, sources, strict=True)
-    ):
+    allocation: per-tensor clones of a few hundred small tensors cost more than the bytes), else new.
+    ``fitted``: the caller knows ``buffers`` were made from these very tensors (no shape checks)."""
+    if buffers is not None and (fitted or _fits(buffers, sources)):
         if buffers:
             with torch.no_grad():
-                torch._foreach_copy_(buffers, [s.detach() for s in sources])
+                torch._foreach_copy_(buffers, sources)
         return buffers
     return [s.detach().clone() for s in sources]
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """The tensors a step of one model and optimizer state changes, in the pre-step copy's order."""
+
+    shape: _StateShape
+    model: weakref.ref[Any]
+    tensors: list[torch.Tensor]
+    optimizer_count: int
+    """``tensors[:optimizer_count]`` are the optimizer's (``_optimizer_tensors``), the rest the model's."""
+    model_indices: list[int]
+    """Which of the model's parameters the rest are (``PreStepCopy.model_indices``)."""
 
 
 @dataclass
@@ -160,26 +211,29 @@ class StepGuard:
         self._rest: list[torch.Tensor] | None = None  # what a kept copy lacks (Adam's step counters)
         self.kept_tensors = 0
         """How many tensors the pre-step copies took from kept copies instead of copying them."""
-        # Which source tensors a kept copy holds, found once per kept copy (the two snapshot slots take
-        # turns) and source list.
-        self._covered_by: list[tuple[Sequence[torch.Tensor], tuple[int, ...], list[torch.Tensor | None]]] = []
-        # The model's parameters and which of them the optimizer does not step, found once per model and
-        # optimizer state (walking the modules every iteration cost more than the copy itself).
-        self._layout_of: tuple[weakref.ref[Any], tuple[int, ...], list[torch.Tensor], list[int]] | None = None
+        # Which source tensors a kept copy holds and which it lacks, found once per kept copy (the two
+        # snapshot slots take turns) and source list.
+        self._covered_by: list[
+            tuple[Sequence[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor]]
+        ] = []
+        self._rest_fitted: list[torch.Tensor] | None = None
+        # What the step changes (the optimizer's tensors, then the model's parameters it does not step),
+        # found once per model and optimizer state: walking them every iteration cost more than the copy.
+        self._sources: _Sources | None = None
+        self._fitted: list[torch.Tensor] | None = None  # the sources ``_buffers`` were last made from
 
-    def _model_layout(
-        self, model: Any, optimizer_tensors: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[int]]:
-        """``(parameters, indices of those the optimizer does not step)`` of ``model``."""
-        pointers = tuple(t.data_ptr() for t in optimizer_tensors)
-        cached = self._layout_of
-        if cached is not None and cached[0]() is model and cached[1] == pointers:
-            return cached[2], cached[3]
-        params = list(model.parameters())
-        stepped = set(pointers)
+    def _sources_of(self, bundle: Any) -> _Sources:
+        """What the step of ``bundle`` changes."""
+        shape, cached = _StateShape.of(bundle.optimizer), self._sources
+        if cached is not None and cached.model() is bundle.gpt and cached.shape.matches(shape):
+            return cached
+        optimizer_tensors = _optimizer_tensors(bundle.optimizer)
+        stepped = {t.data_ptr() for t in optimizer_tensors}
+        params = list(bundle.gpt.parameters())
         own = [i for i, p in enumerate(params) if p.data_ptr() not in stepped]
-        self._layout_of = (weakref.ref(model), pointers, params, own)
-        return params, own
+        tensors = [*optimizer_tensors, *(params[i] for i in own)]
+        self._sources = _Sources(shape, weakref.ref(bundle.gpt), tensors, len(optimizer_tensors), own)
+        return self._sources
 
     def begin_iteration(self) -> None:
         """Record the RNG at the start of an iteration (to redo it exactly)."""
@@ -192,15 +246,14 @@ class StepGuard:
             return
         assert self.iteration_start is not None
         scaler = getattr(bundle.optimizer, "grad_scaler", None)
-        optimizer_tensors = _optimizer_tensors(bundle.optimizer)
-        params, own = self._model_layout(bundle.gpt, optimizer_tensors)
-        saved = self._save([*optimizer_tensors, *(params[i] for i in own)], progress.iteration)
+        sources = self._sources_of(bundle)
+        saved = self._save(sources.tensors, progress.iteration)
         self.pre_step = PreStepCopy(
             iteration=progress.iteration,
             rng=self.iteration_start,
-            optimizer_tensors=saved[: len(optimizer_tensors)],
-            model_tensors=saved[len(optimizer_tensors) :],
-            model_indices=own,
+            optimizer_tensors=saved[: sources.optimizer_count],
+            model_tensors=saved[sources.optimizer_count :],
+            model_indices=sources.model_indices,
             scheduler=copy.deepcopy(bundle.scheduler.state_dict()),
             grad_scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
             consumed_train_samples=progress.consumed_train_samples,
@@ -211,16 +264,18 @@ class StepGuard:
         """Copies of ``sources`` as they are now: a kept copy's where it holds them, else our own."""
         kept = self.copy_source(iteration) if self.copy_source is not None else None
         if kept is None or kept.iteration != iteration:
-            self._buffers = _copy_into(self._buffers, sources)
+            self._buffers = _copy_into(self._buffers, sources, fitted=sources is self._fitted)
+            self._fitted = sources
             return list(self._buffers)
-        pointers = tuple(s.data_ptr() for s in sources)
-        known = [c for copies, p, c in self._covered_by if copies is kept.copies and p == pointers]
+        known = [entry for entry in self._covered_by if entry[0] is kept.copies and entry[1] is sources]
         if known:
-            covered = known[0]
+            _, _, covered, rest = known[0]
         else:
             covered = _copies_in(kept, sources)
-            self._covered_by = [*self._covered_by[-1:], (kept.copies, pointers, covered)]
-        self._rest = _copy_into(self._rest, [s for s, c in zip(sources, covered) if c is None])
+            rest = [s for s, c in zip(sources, covered, strict=True) if c is None]
+            self._covered_by = [*self._covered_by[-1:], (kept.copies, sources, covered, rest)]
+        self._rest = _copy_into(self._rest, rest, fitted=rest is self._rest_fitted)
+        self._rest_fitted = rest
         self.kept_tensors += len(sources) - len(self._rest)
         own = iter(self._rest)
         return [c if c is not None else next(own) for c in covered]
