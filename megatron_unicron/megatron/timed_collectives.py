@@ -395,14 +395,30 @@ def _timed_all_reduce(
     return all_reduce
 
 
+def _p2p_key(p2p_op_list: list[Any]) -> tuple[Any, ...]:
+    kinds = ",".join(op.op.__name__ for op in p2p_op_list)
+    peers = tuple(sorted({op.peer for op in p2p_op_list}))
+    return (f"p2p[{kinds}] with", peers, sum(op.tensor.numel() for op in p2p_op_list))
+
+
 def _timed_batch(original: Callable[..., Any], timeouts: AdaptiveTimeouts) -> Callable[..., Any]:
+    # Each kind of batch (its operations, peers and sizes) keeps its statistics key and running mean
+    # from the statistics' current epoch, found in one lookup per call as the collectives' slots are.
+    known: dict[tuple[Any, ...], tuple[tuple[Any, ...], RunningMean]] = {}
+    epoch = [timeouts.epoch]
+
     @functools.wraps(original)
     def wrapper(p2p_op_list: list[Any]) -> list[Any]:
         works = original(p2p_op_list)
-        kinds = ",".join(op.op.__name__ for op in p2p_op_list)
-        peers = tuple(sorted({op.peer for op in p2p_op_list}))
-        key = (f"p2p[{kinds}] with", peers, sum(op.tensor.numel() for op in p2p_op_list))
-        return [TimedWork(list(works), key, timeouts, sliced=False)]
+        if epoch[0] != timeouts.epoch:
+            known.clear()
+            epoch[0] = timeouts.epoch
+        index = tuple((op.op, op.peer, op.tensor.numel()) for op in p2p_op_list)
+        found = known.get(index)
+        if found is None:
+            key = _p2p_key(p2p_op_list)
+            found = known[index] = (key, timeouts.stats(key))
+        return [TimedWork(list(works), found[0], timeouts, sliced=False, stats=found[1])]
 
     return wrapper
 

@@ -1,7 +1,8 @@
 """Timed waits on 2 gloo ranks: a late peer, and a decision that arrives while rank 0 waits.
 
 Rank 0 prints one line per case: ``late-collective`` (all-reduce waited over several slices, correct
-sum), ``late-p2p`` (a pipeline exchange with a late peer: not sliced, it completes), ``superseded``
+sum), ``late-p2p`` (a pipeline exchange with a late peer: not sliced, it completes), ``p2p-samples``
+(the exchanges timed under their key before and after a statistics reset), ``superseded``
 (rank 1 never joins; the next generation is "decided" 0.4 s in: the wait ends long before its 10 s).
 """
 
@@ -17,8 +18,8 @@ from megatron_unicron.megatron import timed_collectives
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 decided_at = [float("inf")]
-timed_collectives.apply(AdaptiveTimeouts(TimeoutPolicy(warmup_floor_s=10.0)),
-                        superseded=lambda: time.monotonic() >= decided_at[0])
+timeouts = AdaptiveTimeouts(TimeoutPolicy(warmup_floor_s=10.0))
+timed_collectives.apply(timeouts, superseded=lambda: time.monotonic() >= decided_at[0])
 
 x = torch.tensor([float(rank + 1)])
 dist.barrier()  # both ranks start the case together: rank 1 is then late by its sleep, not by start-up
@@ -38,6 +39,21 @@ for work in dist.batch_isend_irecv(ops):
     work.wait()
 if rank == 0:
     print(f"late-p2p {got.item():g} {time.monotonic() - start:.2f}", flush=True)
+
+
+def exchange() -> None:
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+key = ("p2p[isend,irecv] with", (1 - rank,), 2)
+exchange()
+counted = [timeouts.samples(key)]  # the late exchange and this one, under one key
+timeouts.reset()  # a new layout's statistics: the kept running mean is not the live one any more
+exchange()
+counted.append(timeouts.samples(key))
+if rank == 0:
+    print("p2p-samples", *counted, flush=True)
 
 dist.barrier()
 if rank == 0:
