@@ -3,13 +3,15 @@
 import numpy as np
 import torch
 
-from megatron_unicron.checksum import crc32c
+from megatron_unicron.checksum import crc32c, crc32c_each
 from megatron_unicron.transition.exchange import checksum
 
 
 def test_the_standard_check_value_and_incremental_use() -> None:
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C catalogue's check value
     assert crc32c(b"6789", crc32c(b"12345")) == 0xE3069283
+    view = memoryview(b"123456789abc")
+    assert crc32c_each([view[:9], view[9:], view[:0]]) == (0xE3069283, crc32c(b"abc"), 0)
 
 
 def test_buffers_are_read_in_place_and_a_flipped_bit_is_seen() -> None:

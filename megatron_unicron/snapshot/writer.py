@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from megatron_unicron.checksum import crc32c
+from megatron_unicron.checksum import crc32c, crc32c_each
 from megatron_unicron.megatron.distopt_state import FlatMeta
 from megatron_unicron.megatron.guard import KeptCopy
 from megatron_unicron.megatron.state import ShardMeta
@@ -158,12 +158,12 @@ class _SlotMap:
                 key=meta.key, box=meta.box, global_shape=meta.global_shape, dtype=dtype_name(meta.dtype),
                 offset=offset, nbytes=nbytes, flat=meta.flat if isinstance(meta, FlatMeta) else None,
             ))  # fmt: skip
-        self.ranges = [(r.offset, r.offset + r.nbytes) for r in self.records]
+        self.shard_bytes = [self.bytes[r.offset : r.offset + r.nbytes] for r in self.records]
         self.shards_json = shards_json(self.records)
 
     def checksums(self) -> tuple[int, ...]:
         """CRC-32C of every shard's bytes as they are now in the slot."""
-        return tuple(crc32c(self.bytes[a:b]) for a, b in self.ranges)
+        return crc32c_each(self.shard_bytes)
 
 
 @dataclass
