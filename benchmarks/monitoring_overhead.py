@@ -15,6 +15,11 @@ order rotated every round, ``--rounds`` times:
   collectives, its iteration monitor and decision watch threads, the progress posts) around each step,
   and the step guard.
 
+Each block sets its mode up (a new Healer for "on", new statistics for "timed") and first runs
+``--settle`` iterations untimed (default 1): a job sets these up once, so what its first iteration in a
+mode pays (slots and keys of every operation, the Healer's threads starting, their first store round
+trips) is not the cost of a healthy iteration.
+
 Per mode: the mean iteration time (slowest rank of each iteration) and the overhead against ``off``,
 paired (the median over rounds of each block's mean against the same round's ``off`` block, which
 cancels the drift of a shared machine's load); the same for the CPU time the 4 processes use per
@@ -112,7 +117,7 @@ def worker(args: argparse.Namespace) -> int:
 
     cpu.apply()
     env = WorkerEnv.from_environ()
-    total = args.warmup + args.rounds * args.block * len(MODES) + 10
+    total = args.warmup + args.rounds * (args.block + args.settle) * len(MODES) + 10
     margs = resolve_world(parse_args(["--yaml-cfg", str(YAML), "--train-iters", str(total), "--unicron",
                                       *_layout_flags(args)]), env.world_size)  # fmt: skip
     trainer = Trainer(margs, forward_step, env)
@@ -142,6 +147,8 @@ def worker(args: argparse.Namespace) -> int:
         times = []
         metering = meter.installed(mode) if meter is not None and measured else contextlib.nullcontext()
         try:
+            for _ in range(args.settle):
+                step()
             dist.barrier()
             cpu0, main0 = time.process_time(), time.thread_time()
             with metering:
@@ -197,8 +204,8 @@ def summarise(per_rank: list[dict[str, dict[str, list[float]]]], args: argparse.
     cpu = {mode: [sum(r[mode]["cpu"][k] for r in per_rank) for k in range(args.rounds)] for mode in MODES}
     main = {mode: [sum(r[mode]["main"][k] for r in per_rank) / len(per_rank) for k in range(args.rounds)]
             for mode in MODES}  # fmt: skip
-    out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "nproc": args.nproc,
-                           "layout": args.layout.upper(), "modes": {}}  # fmt: skip
+    out: dict[str, Any] = {"rounds": args.rounds, "block": args.block, "settle": args.settle,
+                           "nproc": args.nproc, "layout": args.layout.upper(), "modes": {}}  # fmt: skip
     for mode in MODES:
         wall, wall_q = _paired(blocks[mode], blocks["off"])
         cpu_pct, cpu_q = _paired(cpu[mode], cpu["off"])
@@ -305,6 +312,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20, help="rounds of the four modes (default 20)")
     parser.add_argument("--block", type=int, default=10, help="iterations per mode and round (default 10)")
     parser.add_argument("--warmup", type=int, default=20, help="iterations before timing (default 20)")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed iterations at the start of each block, in its mode (default 1)")
     parser.add_argument("--launcher-seconds", type=float, default=20.0,
                         help="seconds of launcher CPU sampled per launcher mode (0: skip; default 20)")
     parser.add_argument("--nproc", type=int, default=4, help="ranks (default 4)")
@@ -315,8 +324,8 @@ def main() -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if min(args.rounds, args.block) < 1 or args.warmup < 0 or args.launcher_seconds < 0:
-        parser.error("--rounds and --block must be >= 1; --warmup and --launcher-seconds >= 0")
+    if min(args.rounds, args.block) < 1 or min(args.warmup, args.settle, args.launcher_seconds) < 0:
+        parser.error("--rounds and --block must be >= 1; --warmup, --settle and --launcher-seconds >= 0")
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
     _layout_flags(args)  # a malformed layout fails here, before anything starts
@@ -328,6 +337,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "megatron_unicron.launch", "--unicron", "--no-warm-spare",
                "--nproc-per-node", str(args.nproc), __file__, "--worker", "--out", str(out),
                "--rounds", str(args.rounds), "--block", str(args.block), "--warmup", str(args.warmup),
+               "--settle", str(args.settle),
                "--nproc", str(args.nproc), "--layout", args.layout, *(["--per-op"] if args.per_op else [])]
         # fmt: skip
         env = job_env()
