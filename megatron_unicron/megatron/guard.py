@@ -235,6 +235,12 @@ class StepGuard:
         self._sources = _Sources(shape, weakref.ref(bundle.gpt), tensors, len(optimizer_tensors), own)
         return self._sources
 
+    def forget_layout(self) -> None:
+        """Drop what was found about the current model and optimizer (their generation is ending): the
+        optimizer's state and groups held here can reach its process groups, which must close now."""
+        self._sources = self._fitted = self._rest_fitted = None
+        self._covered_by = []
+
     def begin_iteration(self) -> None:
         """Record the RNG at the start of an iteration (to redo it exactly)."""
         if self.enabled:

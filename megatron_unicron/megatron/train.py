@@ -200,6 +200,7 @@ class Trainer:
         if self.generation is not None:
             self.generation.bundle.release()
             self.generation = None
+        self.guard.forget_layout()
         if broken:
             groups.abandon_world()
         else:
