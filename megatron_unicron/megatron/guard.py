@@ -23,6 +23,7 @@ commit, when this copy is no longer needed.
 from __future__ import annotations
 
 import copy
+import operator
 import random
 import weakref
 from collections.abc import Callable, Sequence
@@ -93,27 +94,26 @@ class _StateShape:
     """What can change which tensors an optimizer holds, cheap to compare every iteration.
 
     torch's optimizers update their state tensors in place; they add state at a parameter's first step
-    (more entries) and ``load_state_dict`` replaces the state dict and the groups (other objects). The
-    objects are held here, so that their ids cannot be reused while the description is kept."""
+    (more entries) and ``load_state_dict`` replaces the state dict and the groups (other objects)."""
 
-    ids: tuple[int, ...]
+    objects: tuple[Any, ...]
     sizes: tuple[int, ...]
-    held: tuple[Any, ...]
 
     @classmethod
     def of(cls, optimizer: Any) -> _StateShape:
         """The description of ``optimizer`` now."""
-        held: list[Any] = []
+        objects: list[Any] = []
         sizes: list[int] = []
         for inner in _inner_optimizers(optimizer):
             state, groups = inner.state, inner.param_groups
-            held += (state, groups, *groups)
+            objects += (state, groups, *groups)
             sizes += (len(state), sum(map(len, state.values())), *(len(g["params"]) for g in groups))
-        return cls(tuple(map(id, held)), tuple(sizes), tuple(held))
+        return cls(tuple(objects), tuple(sizes))
 
     def matches(self, other: _StateShape) -> bool:
-        """Whether ``other`` describes the same objects with the same sizes."""
-        return self.ids == other.ids and self.sizes == other.sizes
+        """Whether ``other`` describes the same objects (by identity) with the same sizes."""
+        return (self.sizes == other.sizes and len(self.objects) == len(other.objects)
+                and all(map(operator.is_, self.objects, other.objects)))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,26 +146,36 @@ def _copies_in(kept: KeptCopy, sources: list[torch.Tensor]) -> list[torch.Tensor
     return covered
 
 
-def _fits(buffers: list[torch.Tensor] | None, sources: list[torch.Tensor]) -> bool:
-    return (
-        buffers is not None
-        and len(buffers) == len(sources)
-        and all(b.shape == s.shape and b.dtype == s.dtype for b, s in zip(buffers, sources, strict=True))
+def _fits(buffers: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
+    return len(buffers) == len(sources) and all(
+        b.shape == s.shape and b.dtype == s.dtype for b, s in zip(buffers, sources, strict=True)
     )
 
 
-def _copy_into(
-    buffers: list[torch.Tensor] | None, sources: list[torch.Tensor], *, fitted: bool = False
-) -> list[torch.Tensor]:
-    """Copies of ``sources``: into last step's ``buffers`` when they still match (one fused copy, no
-    allocation: per-tensor clones of a few hundred small tensors cost more than the bytes), else new.
-    ``fitted``: the caller knows ``buffers`` were made from these very tensors (no shape checks)."""
-    if buffers is not None and (fitted or _fits(buffers, sources)):
-        if buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, sources)
-        return buffers
-    return [s.detach().clone() for s in sources]
+class _Buffers:
+    """Copies of a list of tensors, into buffers reused from the previous step when they still fit (one
+    fused copy, no allocation: per-tensor clones of a few hundred small tensors cost more than the
+    bytes). Given the very list they were last made from, their shapes are not checked again."""
+
+    def __init__(self) -> None:
+        self.copies: list[torch.Tensor] | None = None
+        self._made_from: list[torch.Tensor] | None = None
+
+    def take(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of ``sources`` as they are now."""
+        copies = self.copies
+        if copies is not None and (sources is self._made_from or _fits(copies, sources)):
+            if copies:
+                with torch.no_grad():
+                    torch._foreach_copy_(copies, sources)
+        else:
+            copies = self.copies = [s.detach().clone() for s in sources]
+        self._made_from = sources
+        return copies
+
+    def forget_sources(self) -> None:
+        """Hold no reference to the live tensors last copied (their shapes are checked next time)."""
+        self._made_from = None
 
 
 @dataclass(frozen=True)
@@ -207,8 +217,8 @@ class StepGuard:
         self.pre_step: PreStepCopy | None = None
         self.copy_source: Callable[[int], KeptCopy | None] | None = None
         """Asked before each step for a kept copy of the committed iteration (the snapshot service)."""
-        self._buffers: list[torch.Tensor] | None = None
-        self._rest: list[torch.Tensor] | None = None  # what a kept copy lacks (Adam's step counters)
+        self._own = _Buffers()
+        self._rest = _Buffers()  # what a kept copy lacks (Adam's step counters)
         self.kept_tensors = 0
         """How many tensors the pre-step copies took from kept copies instead of copying them."""
         # Which source tensors a kept copy holds and which it lacks, found once per kept copy (the two
@@ -216,11 +226,9 @@ class StepGuard:
         self._covered_by: list[
             tuple[Sequence[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor]]
         ] = []
-        self._rest_fitted: list[torch.Tensor] | None = None
         # What the step changes (the optimizer's tensors, then the model's parameters it does not step),
         # found once per model and optimizer state: walking them every iteration cost more than the copy.
         self._sources: _Sources | None = None
-        self._fitted: list[torch.Tensor] | None = None  # the sources ``_buffers`` were last made from
 
     def _sources_of(self, bundle: Any) -> _Sources:
         """What the step of ``bundle`` changes."""
@@ -238,8 +246,10 @@ class StepGuard:
     def forget_layout(self) -> None:
         """Drop what was found about the current model and optimizer (their generation is ending): the
         optimizer's state and groups held here can reach its process groups, which must close now."""
-        self._sources = self._fitted = self._rest_fitted = None
+        self._sources = None
         self._covered_by = []
+        self._own.forget_sources()
+        self._rest.forget_sources()
 
     def begin_iteration(self) -> None:
         """Record the RNG at the start of an iteration (to redo it exactly)."""
@@ -270,9 +280,7 @@ class StepGuard:
         """Copies of ``sources`` as they are now: a kept copy's where it holds them, else our own."""
         kept = self.copy_source(iteration) if self.copy_source is not None else None
         if kept is None or kept.iteration != iteration:
-            self._buffers = _copy_into(self._buffers, sources, fitted=sources is self._fitted)
-            self._fitted = sources
-            return list(self._buffers)
+            return list(self._own.take(sources))
         known = [entry for entry in self._covered_by if entry[0] is kept.copies and entry[1] is sources]
         if known:
             _, _, covered, rest = known[0]
@@ -280,10 +288,9 @@ class StepGuard:
             covered = _copies_in(kept, sources)
             rest = [s for s, c in zip(sources, covered, strict=True) if c is None]
             self._covered_by = [*self._covered_by[-1:], (kept.copies, sources, covered, rest)]
-        self._rest = _copy_into(self._rest, rest, fitted=rest is self._rest_fitted)
-        self._rest_fitted = rest
-        self.kept_tensors += len(sources) - len(self._rest)
-        own = iter(self._rest)
+        copies = self._rest.take(rest)
+        self.kept_tensors += len(sources) - len(copies)
+        own = iter(copies)
         return [c if c is not None else next(own) for c in covered]
 
     def rewind_in_flight(self) -> None:
